@@ -1,0 +1,150 @@
+"""JSON lines: one object per export, one file per rank, valid JSON on every line.
+
+`{"step": 120, "time": ..., "run": ..., "stage": ..., "rank": 0, "metrics": {"train/loss": ...}}`
+Non-finite values are written as null and listed under "nonfinite" (bare NaN is not JSON).
+One `write()` per line and a flush per export, so a killed process leaves at most one partial
+last line; fsync at shutdown. An existing file is appended to (resumed runs), never clobbered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+
+from otel_train.errors import OtelTrainError
+from otel_train.naming import KeyNamer
+from otel_train.rows import MetricRow, RowBuilder
+from otel_train.run_context import RunContext
+
+_logger = logging.getLogger("otel_train.jsonl")
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank}.jsonl"
+
+
+def row_to_json(row: MetricRow, *, run: str, stage: str, rank: int) -> str:
+    """The line for one row: always valid JSON (allow_nan=False proves it)."""
+    metrics = {key: (value if math.isfinite(value) else None) for key, value in row.values.items()}
+    record: dict[str, Any] = {
+        "step": row.step,
+        "time": round(row.time, 6),
+        "run": run,
+        "stage": stage,
+        "rank": rank,
+        "metrics": metrics,
+    }
+    if row.nonfinite:
+        record["nonfinite"] = {key: _spell(row.values[key]) for key in row.nonfinite}
+    return json.dumps(record, allow_nan=False, separators=(",", ":"))
+
+
+def _spell(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+class JsonLinesMetricExporter(MetricExporter):
+    """A real OTel MetricExporter. Usable behind any reader; `setup()` gives it the run's path.
+
+    With no `path`, it writes `<output_dir>/<run>/rank<N>.jsonl` once bound to a run.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        run: str = "run",
+        stage: str = "train",
+        rank: int = 0,
+        namer: KeyNamer | None = None,
+    ) -> None:
+        super().__init__()
+        self._run, self._stage, self._rank = run, stage, rank
+        self._rows = RowBuilder(namer)
+        self._lock = threading.Lock()
+        self._file: IO[bytes] | None = None
+        self._path: Path | None = None
+        self._broken = False
+        self.failures = 0
+        if path is not None:
+            self._open(Path(path))
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def bind_run_context(self, context: RunContext) -> None:
+        """Called by setup(): take the run's identity, and its path unless one was given."""
+        self._run, self._stage, self._rank = context.run, context.stage, context.rank
+        self._rows = RowBuilder(context.namer)
+        if self._path is None:
+            self._open(context.run_dir / rank_file_name(context.rank))
+
+    def _open(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered append: each line is one write(2), resumed runs add to the same file.
+            self._file = open(path, "ab", buffering=0)
+        except OSError as error:
+            raise OtelTrainError(
+                f"cannot write JSON lines to {path}: {error.strerror or error}. Pass a writable "
+                "output_dir= (or set OTEL_TRAIN_OUTPUT_DIR)."
+            ) from error
+        self._path = path
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        if self._file is None:
+            return MetricExportResult.FAILURE
+        row = self._rows.build(metrics_data)
+        line = row_to_json(row, run=self._run, stage=self._stage, rank=self._rank) + "\n"
+        payload = line.encode("utf-8")
+        with self._lock:
+            try:
+                self._file.write(payload)
+            except (OSError, ValueError) as error:
+                self.failures += 1
+                if not self._broken:
+                    self._broken = True
+                    _logger.error(
+                        "otel-train: cannot append to %s (%s); JSON lines are being lost, "
+                        "other exporters continue",
+                        self._path,
+                        error,
+                    )
+                return MetricExportResult.FAILURE
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        with self._lock:
+            if self._file is None or self._file.closed:
+                return True
+            try:
+                os.fsync(self._file.fileno())
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.force_flush(timeout_millis)
+        with self._lock:
+            if self._file is not None and not self._file.closed:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+
+
+def create_for_run(context: RunContext) -> JsonLinesMetricExporter:
+    """`exporters=("jsonl",)`: every rank writes its own file."""
+    exporter = JsonLinesMetricExporter()
+    exporter.bind_run_context(context)
+    return exporter

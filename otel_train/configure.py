@@ -1,0 +1,234 @@
+"""`setup()`: resolve every option once, build one MeterProvider, return a `Telemetry`.
+
+Precedence: arguments > `OTEL_TRAIN_*` environment variables > defaults. Everything that can
+be wrong is checked here, before the first step, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+
+from otel_train.errors import OtelTrainError
+from otel_train.exporter_loading import check_exporter_names, create_named_exporter
+from otel_train.instruments import STEP_TIME_BUCKETS_SECONDS
+from otel_train.naming import KeyNamer, KeySpec
+from otel_train.ranks import RankInfo, detect_ranks
+from otel_train.rates import ThroughputSettings
+from otel_train.reader import StepSampledReader
+from otel_train.redaction import redact
+from otel_train.run_context import RunContext
+from otel_train.sampling import GroupIndex, SamplingView, resolve_views
+from otel_train.telemetry import Telemetry
+
+_logger = logging.getLogger("otel_train.setup")
+
+STANDARD_INSTRUMENTS = (
+    "train.tokens", "train.samples", "train.nonfinite", "train.loss", "train.learning_rate",
+    "train.grad_norm", "train.epoch", "train.global_step", "train.perplexity", "perf.step_time",
+    "perf.tokens_per_second", "perf.samples_per_second", "perf.steps_per_second", "perf.eta",
+    "perf.flops_per_second", "perf.mfu", "eval.loss", "eval.perplexity", "eval.best_perplexity",
+)  # fmt: skip
+
+ExporterSpec = str | MetricExporter | MetricReader
+
+_live: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+
+
+def setup(
+    *,
+    run: str | None = None,
+    stage: str = "train",
+    output_dir: str | os.PathLike[str] | None = None,
+    exporters: Sequence[ExporterSpec] | None = None,
+    intervals: Mapping[str, int | None] | Sequence[SamplingView] | None = None,
+    total_steps: int | None = None,
+    config: Any = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+    key_overrides: Mapping[str, str | KeySpec | tuple[KeySpec, ...]] | None = None,
+    key_preset: str = "default",
+    resume: bool = False,
+    resume_step: int = 0,
+    ranks: RankInfo | None = None,
+    clock: Callable[[], float] | None = None,
+    max_queue_batches: int = 64,
+    shutdown_timeout_millis: float = 10_000,
+    install_global: bool = False,
+) -> Telemetry:
+    """Build the telemetry of one process (rank). See the README for every option.
+
+    `exporters` takes names ("jsonl", "prometheus", "wandb", "otlp") or OTel objects: a
+    `MetricExporter` is driven by the step-sampled reader on its own thread, a `MetricReader`
+    (e.g. a pull reader) is attached to the provider as is.
+    """
+    env = os.environ
+    run_name = run or env.get("OTEL_TRAIN_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
+    _check_run_name(run_name)
+    stage = stage or "train"
+    rank_info = ranks or detect_ranks()
+    directory = Path(output_dir or env.get("OTEL_TRAIN_OUTPUT_DIR") or "runs")
+    specs = _exporter_specs(exporters, env)
+    _check_positive("max_queue_batches", max_queue_batches)
+    if total_steps is not None:
+        _check_positive("total_steps", total_steps)
+    views = resolve_views(
+        intervals if intervals is not None else _env_intervals(env), STANDARD_INSTRUMENTS
+    )
+    groups = GroupIndex(views)
+    context = RunContext(
+        run=run_name,
+        stage=stage,
+        rank=rank_info.rank,
+        local_rank=rank_info.local_rank,
+        world_size=rank_info.world_size,
+        host=socket.gethostname(),
+        output_dir=directory,
+        config=redact(config) if config is not None else {},
+        resume=resume or resume_step > 0,
+        namer=KeyNamer(key_overrides, preset=key_preset),
+        total_steps=total_steps,
+    )
+    reader = StepSampledReader(groups, max_queue_batches=max_queue_batches)
+    pull_readers: list[MetricReader] = []
+    push_exporters: list[tuple[str, MetricExporter]] = []
+    for spec in specs:
+        built = (
+            create_named_exporter(spec, context) if isinstance(spec, str) else _bind(spec, context)
+        )
+        name = spec if isinstance(spec, str) else type(spec).__name__
+        if built is None:
+            continue
+        if isinstance(built, MetricReader):
+            pull_readers.append(built)
+        elif isinstance(built, MetricExporter):
+            push_exporters.append((name, built))
+        else:
+            raise OtelTrainError(
+                f"exporter {name!r} is a {type(built).__name__}; expected an OTel MetricExporter "
+                "or MetricReader"
+            )
+    for name, exporter in push_exporters:
+        reader.add_exporter(exporter, name=name)
+    provider = MeterProvider(
+        metric_readers=[reader, *pull_readers],
+        resource=_resource(context),
+        views=_otel_views(views),
+        shutdown_on_exit=False,  # we flush ourselves, bounded, at exit
+    )
+    telemetry = Telemetry(
+        provider=provider,
+        reader=reader,
+        groups=groups,
+        context=context,
+        throughput=ThroughputSettings(
+            total_steps=total_steps, flops_per_token=flops_per_token, peak_flops=peak_flops
+        ),
+        clock=clock or time.perf_counter,
+        shutdown_timeout_millis=shutdown_timeout_millis,
+        resume_step=resume_step,
+    )
+    if install_global:
+        otel_metrics.set_meter_provider(provider)
+    _live.add(telemetry)
+    return telemetry
+
+
+def _bind(exporter: Any, context: RunContext) -> Any:
+    """Exporter objects may want the run's identity (e.g. W&B run name, JSONL path)."""
+    bind = getattr(exporter, "bind_run_context", None)
+    if callable(bind):
+        bind(context)
+    return exporter
+
+
+def _exporter_specs(
+    exporters: Sequence[ExporterSpec] | None, env: Mapping[str, str]
+) -> list[ExporterSpec]:
+    if exporters is None:
+        from_env = env.get("OTEL_TRAIN_EXPORTERS", "jsonl")
+        exporters = [name.strip() for name in from_env.split(",") if name.strip()]
+    if isinstance(exporters, str):
+        exporters = [exporters]
+    specs = list(exporters)
+    check_exporter_names([s for s in specs if isinstance(s, str)])
+    names = [s for s in specs if isinstance(s, str)]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise OtelTrainError(f"exporter(s) {sorted(duplicated)} listed twice; list each once")
+    return specs
+
+
+def _env_intervals(env: Mapping[str, str]) -> dict[str, int] | None:
+    """OTEL_TRAIN_INTERVALS="train=10,perf=20,gpu=50"."""
+    raw = env.get("OTEL_TRAIN_INTERVALS")
+    if not raw:
+        return None
+    intervals: dict[str, int] = {}
+    for part in raw.split(","):
+        group, _, value = part.partition("=")
+        try:
+            intervals[group.strip()] = int(value)
+        except ValueError:
+            raise OtelTrainError(
+                f"OTEL_TRAIN_INTERVALS={raw!r}: {part!r} is not group=int; e.g. 'train=10,perf=20'"
+            ) from None
+    return intervals
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OtelTrainError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_run_name(run: str) -> None:
+    if not isinstance(run, str) or not run.strip():
+        raise OtelTrainError("run must be a non-empty string naming the run, e.g. 'gpt-small-sft'")
+
+
+def _resource(context: RunContext) -> Resource:
+    return Resource.create(
+        {
+            "service.name": "otel-train",
+            "service.instance.id": f"{context.host}:{os.getpid()}",
+            "run": context.run,
+            "stage": context.stage,
+            "rank": context.rank,
+            "local_rank": context.local_rank,
+            "world_size": context.world_size,
+            "host.name": context.host,
+        }
+    )
+
+
+def _otel_views(views: Sequence[SamplingView]) -> list[View]:
+    otel_views = [v for v in (view.to_otel_view() for view in views) if v is not None]
+    otel_views.append(
+        View(
+            instrument_name="perf.step_time",
+            aggregation=ExplicitBucketHistogramAggregation(boundaries=STEP_TIME_BUCKETS_SECONDS),
+        )
+    )
+    return otel_views
+
+
+@atexit.register
+def _shutdown_live_telemetry() -> None:
+    for telemetry in list(_live):
+        try:
+            telemetry.shutdown()
+        except Exception as error:  # never turn a clean exit into a traceback
+            _logger.warning("otel-train: shutdown at exit failed: %r", error)

@@ -1,0 +1,136 @@
+"""Turn one OTel export (`MetricsData`) into one flat row: step, time and `group/key` values.
+
+Shared by the push exporters (JSON lines, W&B) so every backend shows the same keys for the
+same data. Counters come out cumulative; histograms as the interval's mean, p50 and p95
+(estimated from bucket deltas as Prometheus' `histogram_quantile` does); gauges as they are.
+Non-finite values are kept (NaN stays NaN) and listed, so a diverging loss is never shown as
+its last good value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    MetricsData,
+    Sum,
+)
+
+from otel_train.naming import KeyNamer, attribute_suffix
+
+GLOBAL_STEP_INSTRUMENT = "train.global_step"
+
+
+@dataclass(slots=True)
+class MetricRow:
+    """One exported row. `step` is None when the batch carried no global step."""
+
+    step: int | None
+    time: float
+    values: dict[str, float] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)
+
+
+def bucket_quantile(
+    quantile: float,
+    boundaries: Sequence[float],
+    counts: Sequence[float],
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+) -> float | None:
+    """Linear interpolation inside the bucket holding the quantile (Prometheus' rule).
+
+    `low` / `high` bound the first and the overflow bucket (the recorded min and max), which
+    would otherwise be guessed as 0 and the last boundary.
+    """
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = quantile * total
+    cumulative = 0.0
+    for index, count in enumerate(counts):
+        if count <= 0:
+            continue
+        if cumulative + count >= rank:
+            lower = boundaries[index - 1] if index > 0 else min(low, boundaries[0])
+            if index >= len(boundaries):  # overflow bucket: up to the recorded max
+                upper = high if high is not None else lower
+            else:
+                upper = boundaries[index] if high is None else min(boundaries[index], high)
+            lower = max(lower, low) if index == 0 else lower
+            return lower + (upper - lower) * ((rank - cumulative) / count)
+        cumulative += count
+    return float(boundaries[-1]) if boundaries else None
+
+
+class RowBuilder:
+    """Stateful because histogram intervals are differences of cumulative exports."""
+
+    def __init__(self, namer: KeyNamer | None = None) -> None:
+        self.namer = namer or KeyNamer()
+        self._previous_histograms: dict[str, tuple[float, float, tuple[float, ...]]] = {}
+
+    def build(self, metrics_data: MetricsData) -> MetricRow:
+        row = MetricRow(step=None, time=0.0)
+        latest_nanos = 0
+        for resource_metrics in metrics_data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    data = metric.data
+                    for point in data.data_points:
+                        latest_nanos = max(latest_nanos, point.time_unix_nano)
+                    if metric.name == GLOBAL_STEP_INSTRUMENT and data.data_points:
+                        row.step = int(data.data_points[-1].value)  # type: ignore[union-attr]
+                    if isinstance(data, Histogram):
+                        self._add_histogram(row, metric.name, data)
+                    elif isinstance(data, (Gauge, Sum)):
+                        for point in data.data_points:
+                            suffix = attribute_suffix(point.attributes)
+                            self._put(row, metric.name, suffix, float(point.value))
+        row.time = latest_nanos / 1e9 if latest_nanos else 0.0
+        return row
+
+    def _put(self, row: MetricRow, name: str, suffix: str, value: float) -> None:
+        for spec in self.namer.keys_for(name):
+            key = spec.key + suffix
+            scaled = value * spec.scale if spec.scale != 1.0 else value
+            row.values[key] = scaled
+            if not math.isfinite(scaled):
+                row.nonfinite.append(key)
+
+    def _add_histogram(self, row: MetricRow, name: str, data: Histogram) -> None:
+        for point in data.data_points:
+            suffix = attribute_suffix(point.attributes)
+            count, total, counts = self._interval(name + suffix, data, point)
+            if count <= 0:
+                continue
+            self._put(row, name, suffix, total / count)
+            for quantile, label in ((0.5, "_p50"), (0.95, "_p95")):
+                estimate = bucket_quantile(
+                    quantile, point.explicit_bounds, counts, low=point.min, high=point.max
+                )
+                if estimate is not None:
+                    self._put(row, name, suffix + label, estimate)
+
+    def _interval(
+        self, identity: str, data: Histogram, point: HistogramDataPoint
+    ) -> tuple[float, float, tuple[float, ...]]:
+        counts = tuple(float(c) for c in point.bucket_counts)
+        if data.aggregation_temporality == AggregationTemporality.DELTA:
+            return float(point.count), float(point.sum), counts
+        previous = self._previous_histograms.get(identity)
+        self._previous_histograms[identity] = (float(point.count), float(point.sum), counts)
+        if previous is None or previous[0] > point.count or len(previous[2]) != len(counts):
+            return float(point.count), float(point.sum), counts
+        return (
+            point.count - previous[0],
+            point.sum - previous[1],
+            tuple(now - before for now, before in zip(counts, previous[2], strict=True)),
+        )
