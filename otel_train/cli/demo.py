@@ -1,0 +1,278 @@
+"""`otel-train demo`: a tiny GPT on shipped text, fully instrumented, and where it all went.
+
+JSON lines always; Prometheus and W&B (offline unless logged in) when installed. Their absence
+is reported by `setup()` as a warning and the demo goes on with what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import netrc
+import os
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+
+from otel_train.errors import OtelTrainError
+from otel_train.rows import RowBuilder
+from otel_train.run_context import RunContext, file_safe_run_name
+
+DEFAULT_EXPORTERS = "jsonl,prometheus,wandb"
+PROMETHEUS_PORT_ENV = "OTEL_TRAIN_PROMETHEUS_PORT"
+PROMETHEUS_DEFAULT_PORT = 9464
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "demo", help="train a tiny GPT on CPU/GPU with every exporter, in under a minute"
+    )
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument(
+        "--intervals",
+        default="train=10,perf=20,gpu=50",
+        help="sampling intervals, group=steps,... (default train=10,perf=20,gpu=50)",
+    )
+    parser.add_argument(
+        "--exporters",
+        default=DEFAULT_EXPORTERS,
+        help=f"comma-separated exporter names (default {DEFAULT_EXPORTERS})",
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="default ./runs")
+    parser.add_argument("--stage", default="pretrain", help="stage label (default pretrain)")
+    parser.add_argument("--run", default=None, help="run name (default demo-<time>)")
+    parser.add_argument("--eval-every", type=int, default=100, help="eval interval in steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run_command=run)
+
+
+def parse_intervals(text: str) -> dict[str, int]:
+    intervals: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        group, _, value = part.partition("=")
+        try:
+            intervals[group.strip()] = int(value)
+        except ValueError:
+            raise OtelTrainError(
+                f"--intervals {text!r}: {part!r} is not group=steps; e.g. train=10,perf=20"
+            ) from None
+    return intervals
+
+
+class LatestValuesExporter(MetricExporter):
+    """Keeps the newest exported value of each key: the progress bar reads what otel-train
+    exported, so the demo adds no `.item()` of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows = RowBuilder()
+        self._lock = threading.Lock()
+        self.values: dict[str, float] = {}
+
+    def bind_run_context(self, context: RunContext) -> None:
+        self._rows = RowBuilder(context.namer)
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        row = self._rows.build(metrics_data)
+        with self._lock:
+            self.values = {**self.values, **row.values}
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _choose_prometheus_port() -> int:
+    """The standard port when free, else one the OS picks (several demos on one machine)."""
+    if _port_free(PROMETHEUS_DEFAULT_PORT):
+        return PROMETHEUS_DEFAULT_PORT
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _prepare_backends(names: list[str], run_dir: Path) -> dict[str, str]:
+    """Environment for the named backends; returns what the closing table should say."""
+    notes: dict[str, str] = {}
+    if "prometheus" in names:
+        port = int(os.environ.get(PROMETHEUS_PORT_ENV) or _choose_prometheus_port())
+        os.environ[PROMETHEUS_PORT_ENV] = str(port)
+        notes["prometheus_url"] = f"http://127.0.0.1:{port}/metrics"
+    if "wandb" in names and importlib.util.find_spec("wandb") is not None:
+        if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if not os.environ.get("WANDB_DIR"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["WANDB_DIR"] = str(run_dir)
+        notes["wandb_mode"] = os.environ.get("WANDB_MODE", "online")
+    return notes
+
+
+def _scrape(url: str) -> int | None:
+    """Number of sample lines the endpoint serves now, or None if it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body = response.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return sum(1 for line in body.splitlines() if line and not line.startswith("#"))
+
+
+def _lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warmup over 10% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 10)
+    if step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.table import Table
+    except ImportError as error:
+        raise ImportError(
+            f'{error}; the demo needs: pip install "torch==2.13.0" "otel-train[cli]"'
+        ) from error
+
+    import otel_train
+    from otel_train.cli import tiny_gpt
+
+    if args.steps <= 0:
+        raise OtelTrainError(f"--steps must be a positive int, got {args.steps}")
+    console = Console()
+    names = [n.strip() for n in args.exporters.split(",") if n.strip()]
+    run_name = args.run or time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir = args.output_dir / file_safe_run_name(run_name)
+    notes = _prepare_backends(names, run_dir)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = tiny_gpt.TinyGptConfig()
+    model, optimizer, sampler = tiny_gpt.build(config, device, seed=args.seed)
+    peak_lr = 3e-3
+    flops_per_token = tiny_gpt.flops_per_token(model)
+    console.print(
+        f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
+        f"on {device.type}; measuring the device's matmul peak for MFU..."
+    )
+    peak_flops = tiny_gpt.measure_peak_flops(device)
+    latest = LatestValuesExporter()
+    train_bytes = len(sampler.train_data)
+
+    with otel_train.setup(
+        run=run_name,
+        stage=args.stage,
+        output_dir=args.output_dir,
+        exporters=[*names, latest],
+        intervals=parse_intervals(args.intervals),
+        total_steps=args.steps,
+        config={"model": "tiny-gpt", **asdict(config), "lr": peak_lr, "seed": args.seed},
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops,
+    ) as tel:
+        progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"
+            ),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        with progress:
+            task = progress.add_task("train", total=args.steps, loss="-", tps="-", mfu="-")
+            for step in range(1, args.steps + 1):
+                lr = _lr_at(step, args.steps, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm = tiny_gpt.train_step(model, optimizer, sampler.batch())
+                tel.training.record(
+                    loss=loss,
+                    learning_rate=lr,
+                    grad_norm=grad_norm,
+                    tokens=sampler.tokens_per_batch,
+                    samples=config.batch_size,
+                    epoch=step * sampler.tokens_per_batch / train_bytes,
+                )
+                tel.step(step)
+                if step % args.eval_every == 0 or step == args.steps:
+                    tel.evaluate(loss=tiny_gpt.eval_loss(model, sampler))
+                values = latest.values
+                progress.update(
+                    task,
+                    advance=1,
+                    loss=_fmt(values.get("train/loss"), "{:.3f}"),
+                    tps=_fmt(values.get("perf/tokens_per_second"), "{:,.0f}"),
+                    mfu=_fmt(values.get("perf/mfu"), "{:.1%}"),
+                )
+        tel.flush()
+        if "prometheus_url" in notes:
+            served = _scrape(notes["prometheus_url"])
+            notes["prometheus_samples"] = "" if served is None else str(served)
+        jsonl_path = tel.context.run_dir / f"rank{tel.context.rank}.jsonl"
+    stats = tel.export_stats()
+
+    table = Table(title="Where everything went", show_lines=False)
+    table.add_column("backend")
+    table.add_column("where")
+    lines = jsonl_path.read_text().count("\n") if jsonl_path.exists() else 0
+    table.add_row("JSON lines", f"{jsonl_path} ({lines} lines)")
+    if "prometheus" in names:
+        url = notes.get("prometheus_url", "")
+        samples = notes.get("prometheus_samples", "")
+        table.add_row(
+            "Prometheus",
+            f"{url} (served {samples} samples while training)"
+            if samples
+            else "not serving (exporter not installed or port taken; see warnings above)",
+        )
+    if "wandb" in names:
+        found = sorted(run_dir.glob("wandb/*run-*")) if run_dir.exists() else []
+        found = [p for p in found if p.is_dir()]
+        table.add_row(
+            f"W&B ({notes.get('wandb_mode', 'not installed')})",
+            str(found[-1]) if found else "no W&B run (wandb or its exporter not installed)",
+        )
+    table.add_row("export stats", ", ".join(f"{k}: {v}" for k, v in stats.items()) or "-")
+    table.add_row("next", f"otel-train report {run_dir}")
+    console.print(table)
+    return 0 if lines > 0 else 1
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else spec.format(value)

@@ -1,0 +1,163 @@
+"""A tiny GPT-style byte-level language model and the text it trains on (shipped, no download).
+
+Used by `otel-train demo` and `benchmarks/overhead.py`, so both measure the same work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+VOCAB_SIZE = 256  # bytes: no tokenizer to ship
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TinyGptConfig:
+    layers: int = 2
+    width: int = 48
+    heads: int = 4
+    seq_len: int = 64
+    batch_size: int = 16
+
+
+def load_corpus() -> bytes:
+    """The demo text inside the package: a few paragraphs written for this project."""
+    return (resources.files("otel_train.cli") / "data" / "demo_corpus.txt").read_bytes()
+
+
+class _Block(nn.Module):
+    def __init__(self, config: TinyGptConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width)
+        self.attn = nn.MultiheadAttention(config.width, config.heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(config.width)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.width, 4 * config.width),
+            nn.GELU(),
+            nn.Linear(4 * config.width, config.width),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyGpt(nn.Module):
+    """Pre-norm decoder-only transformer with learned positions."""
+
+    def __init__(self, config: TinyGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(VOCAB_SIZE, config.width)
+        self.position = nn.Embedding(config.seq_len, config.width)
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.width)
+        self.head = nn.Linear(config.width, VOCAB_SIZE, bias=False)
+        mask = torch.triu(torch.ones(config.seq_len, config.seq_len, dtype=torch.bool), 1)
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        positions = torch.arange(length, device=tokens.device)
+        x = self.embed(tokens) + self.position(positions)
+        mask = self.causal_mask[:length, :length]
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.head(self.norm(x))
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1))
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: TinyGpt) -> float:
+    """Training FLOPs per token: 6N + 12·L·d·T (PaLM, Chowdhery et al. 2022, appendix B).
+
+    Stand-in for the analytic FLOP counter of the throughput issue (#5); replace it by
+    `setup(model=, seq_len=)` once that lands. Embedding parameters are excluded from N.
+    """
+    config = model.config
+    dense = parameter_count(model) - model.embed.weight.numel() - model.position.weight.numel()
+    return 6.0 * dense + 12.0 * config.layers * config.width * config.seq_len
+
+
+def measure_peak_flops(device: torch.device, *, seconds: float = 0.3) -> float:
+    """Dense matmul FLOP/s this device reaches right now: the MFU denominator on a CPU, which
+    has no datasheet entry. On a GPU, pass the datasheet peak instead (it is higher)."""
+    size = 512
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm up
+    count = 0
+    start = time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if count % 8 == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if time.perf_counter() - start >= seconds:
+                break
+    return 2.0 * size**3 * count / (time.perf_counter() - start)
+
+
+class BatchSampler:
+    """Random windows of the corpus: (inputs, next-byte targets). Held-out tail for eval."""
+
+    def __init__(self, corpus: bytes, config: TinyGptConfig, device: torch.device) -> None:
+        data = torch.tensor(list(corpus), dtype=torch.long)
+        split = int(len(data) * 0.9)
+        self.train_data, self.eval_data = data[:split], data[split:]
+        self.config = config
+        self.device = device
+        self.generator = torch.Generator().manual_seed(0)
+
+    def batch(self, *, evaluation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.eval_data if evaluation else self.train_data
+        length = self.config.seq_len
+        starts = torch.randint(
+            0, len(data) - length - 1, (self.config.batch_size,), generator=self.generator
+        )
+        window = torch.stack([data[s : s + length + 1] for s in starts.tolist()])
+        window = window.to(self.device, non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.config.batch_size * self.config.seq_len
+
+
+def build(
+    config: TinyGptConfig, device: torch.device, *, seed: int = 0, lr: float = 3e-3
+) -> tuple[TinyGpt, torch.optim.Optimizer, BatchSampler]:
+    torch.manual_seed(seed)
+    model = TinyGpt(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return model, optimizer, BatchSampler(load_corpus(), config, device)
+
+
+def train_step(
+    model: TinyGpt, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (loss, grad_norm) as tensors, never synchronised here."""
+    loss = model(*batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach(), grad_norm
+
+
+@torch.no_grad()
+def eval_loss(model: TinyGpt, sampler: BatchSampler, batches: int = 4) -> torch.Tensor:
+    model.eval()
+    losses: list[Any] = [model(*sampler.batch(evaluation=True)) for _ in range(batches)]
+    model.train()
+    return torch.stack(losses).mean()
