@@ -45,7 +45,7 @@ class NonFiniteValue:
 class StepSampledReader(MetricReader):
     """Collects on sampled steps and forwards only the due groups' metrics, off-thread."""
 
-    def __init__(self, group_index: GroupIndex, *, max_queue_batches: int = 64) -> None:
+    def __init__(self, group_index: GroupIndex, *, max_queue_batches: int = 1024) -> None:
         super().__init__()
         self._groups = group_index
         self._max_queue_batches = max_queue_batches

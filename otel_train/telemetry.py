@@ -12,10 +12,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from opentelemetry.metrics import Meter, _Gauge
+from opentelemetry.metrics import CallbackOptions, Meter, Observation, _Gauge
 from opentelemetry.sdk.metrics import MeterProvider
 
 from otel_train.errors import OtelTrainError, StepOrderError
@@ -30,7 +30,10 @@ _logger = logging.getLogger("otel_train")
 
 # Groups whose instruments are fed from staged values: only these force a resolution.
 _STAGED_GROUPS = frozenset({"train", "perf"})
-_MAX_BUFFERED_STEP_TIMES = 8192
+# Step durations wait for the next perf-sampled step, where they go into the histogram (each
+# SDK record costs microseconds: that work belongs to sampled steps). Past this many (perf
+# interval longer than this, or perf made an event group) they are recorded in one go.
+_MAX_BUFFERED_STEP_TIMES = 65_536
 
 
 class Telemetry:
@@ -78,6 +81,7 @@ class Telemetry:
         self._epoch_losses: list[float] = []
         self._epochs_ended = 0
         self._warned_negative = False
+        self._register_health_instruments()
 
     # -- public surface -------------------------------------------------------------------
     @property
@@ -302,6 +306,32 @@ class Telemetry:
         return values
 
     # -- helpers --------------------------------------------------------------------------
+    def _register_health_instruments(self) -> None:
+        """Exporter drops and failures as counters: visible where the other metrics are."""
+
+        def observe(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def callback(options: CallbackOptions) -> Iterable[Observation]:
+                return [
+                    Observation(getattr(worker, attribute), {"exporter": worker.name})
+                    for worker in self.reader.exporters
+                    if getattr(worker, attribute)
+                ]
+
+            return self.reader.sampled_callback("health", callback)
+
+        self._meter.create_observable_counter(
+            "otel_train.export.dropped",
+            callbacks=[observe("dropped")],
+            unit="{batch}",
+            description="Batches an exporter dropped because its queue was full",
+        )
+        self._meter.create_observable_counter(
+            "otel_train.export.failed",
+            callbacks=[observe("failed")],
+            unit="{batch}",
+            description="Batches an exporter failed to deliver",
+        )
+
     def _gauge(self, name: str) -> _Gauge:
         """Standard gauges by name; event/extra gauges created once on first use."""
         gauge = self._event_gauges.get(name)
