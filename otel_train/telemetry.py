@@ -77,7 +77,9 @@ class Telemetry:
         self._best_perplexity = math.inf
         self._last_loss: float | None = None
         self._epoch_start = (self._start_time, resume_step, 0.0, 0.0)
-        self._epoch_losses: list[float] = []
+        # A running sum, not a list: a run that never ends an epoch must not grow per step.
+        self._epoch_loss_sum = 0.0
+        self._epoch_loss_count = 0
         self._epochs_ended = 0
         self._warned_negative = False
         self._reducer = reducer  # reduce_across_ranks=True: one all_reduce per sampled step
@@ -175,10 +177,10 @@ class Telemetry:
             }
             if duration > 0:
                 values["epoch.tokens_per_second"] = values["epoch.tokens"] / duration
-            if self._epoch_losses:
-                values["epoch.train_loss_mean"] = sum(self._epoch_losses) / len(self._epoch_losses)
+            if self._epoch_loss_count:
+                values["epoch.train_loss_mean"] = self._epoch_loss_sum / self._epoch_loss_count
             self._epoch_start = (now, self._last_step, self._tokens_total, self._samples_total)
-            self._epoch_losses = []
+            self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
             self._export_event("epoch", values)
 
     def flush(self, timeout_millis: float = 10_000) -> bool:
@@ -260,7 +262,8 @@ class Telemetry:
             gauges["train.perplexity"] = safe_exp(gauges["train.loss"])
             if math.isfinite(gauges["train.loss"]):
                 self._last_loss = gauges["train.loss"]
-                self._epoch_losses.append(gauges["train.loss"])
+                self._epoch_loss_sum += gauges["train.loss"]
+                self._epoch_loss_count += 1
         for name, value in gauges.items():
             if math.isfinite(value):
                 self._gauge(name).set(value)

@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 @dataclass
 class Received:
     path: str
+    body: bytes
     headers: dict[str, str]
     resource: dict[str, Any]
     points: dict[str, list[tuple[dict[str, Any], float]]]  # metric name -> [(attrs, value)]
@@ -81,7 +82,7 @@ class OtlpReceiver:
                     resource, points = decode(body)
                     with receiver._lock:
                         receiver.received.append(
-                            Received(self.path, dict(self.headers.items()), resource, points)
+                            Received(self.path, body, dict(self.headers.items()), resource, points)
                         )
                     payload = ExportMetricsServiceResponse().SerializeToString()
                 else:

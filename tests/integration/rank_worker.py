@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import urllib.request
 from typing import Any
@@ -19,6 +18,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter
 
 import otel_train
 from otel_train.testing import CapturingExporter
+from tests.integration.proc_net import listening_ports
 
 
 class FailingExporter(MetricExporter):
@@ -32,28 +32,6 @@ class FailingExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         raise ConnectionError("backend down")
-
-
-def listening_ports() -> list[tuple[str, int]]:
-    """(address, port) of the TCP sockets this process listens on, from /proc (Linux)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = []
-    with open("/proc/net/tcp") as table:
-        for line in table.readlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A = LISTEN
-                address_hex, port_hex = local.split(":")
-                address = ".".join(str(int(address_hex[i : i + 2], 16)) for i in (6, 4, 2, 0))
-                found.append((address, int(port_hex, 16)))
-    return found
 
 
 def main() -> int:
