@@ -8,6 +8,7 @@ last line; fsync at shutdown. An existing file is appended to (resumed runs), ne
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -129,7 +130,7 @@ class JsonLinesMetricExporter(MetricExporter):
         payload = line.encode("utf-8")
         with self._lock:
             try:
-                file.write(payload)
+                _write_whole_line(file, payload)
             except (OSError, ValueError) as error:
                 self.failures += 1
                 if not self._broken:
@@ -161,6 +162,18 @@ class JsonLinesMetricExporter(MetricExporter):
                     self._file.close()
                 except OSError:
                     pass
+
+
+def _write_whole_line(file: IO[bytes], payload: bytes) -> None:
+    """One write(2); a short write (disk full) is cut back so no half line stays behind.
+
+    Appends land at the end of the file whatever the offset says (O_APPEND; after a failed
+    write the offset can be stale), so the line starts at the file's current size."""
+    start = os.fstat(file.fileno()).st_size
+    written = file.write(payload)
+    if written is not None and written < len(payload):
+        os.ftruncate(file.fileno(), start)
+        raise OSError(errno.ENOSPC, f"short write: {written} of {len(payload)} bytes")
 
 
 def create_for_run(context: RunContext) -> JsonLinesMetricExporter:

@@ -79,9 +79,10 @@ def test_disk_full_mid_run_is_logged_once_and_other_exporters_continue(tmp_path,
         r for r in caplog.records if r.name == "otel_train.jsonl" and "cannot append" in r.message
     ]
     assert len(errors) == 1  # logged once, then counted
-    lines = (output_dir / "full" / "rank0.jsonl").read_bytes().split(b"\n")
-    for line in lines[:-1]:
-        json.loads(line)  # what did fit is whole lines
+    text = (output_dir / "full" / "rank0.jsonl").read_bytes()
+    assert text.endswith(b"\n")  # no half line left by a short write on the full disk
+    for line in text.splitlines():
+        json.loads(line)
 
 
 # -- NaN / inf ------------------------------------------------------------------------------
