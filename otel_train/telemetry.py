@@ -22,6 +22,7 @@ from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.instruments import TrainingInstruments
 from otel_train.rates import RateTracker, ThroughputSettings
 from otel_train.reader import NonFiniteValue, StepSampledReader
+from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
 from otel_train.staging import Resolved, resolve, safe_exp
@@ -50,6 +51,7 @@ class Telemetry:
         clock: Callable[[], float],
         shutdown_timeout_millis: float,
         resume_step: int = 0,
+        reducer: CrossRankReducer | None = None,
     ) -> None:
         self.provider = provider
         self.reader = reader
@@ -78,9 +80,12 @@ class Telemetry:
         self._best_perplexity = math.inf
         self._last_loss: float | None = None
         self._epoch_start = (self._start_time, resume_step, 0.0, 0.0)
-        self._epoch_losses: list[float] = []
+        # A running sum, not a list: a run that never ends an epoch must not grow per step.
+        self._epoch_loss_sum = 0.0
+        self._epoch_loss_count = 0
         self._epochs_ended = 0
         self._warned_negative = False
+        self._reducer = reducer  # reduce_across_ranks=True: one all_reduce per sampled step
         self._register_health_instruments()
 
     # -- public surface -------------------------------------------------------------------
@@ -176,10 +181,10 @@ class Telemetry:
             }
             if duration > 0:
                 values["epoch.tokens_per_second"] = values["epoch.tokens"] / duration
-            if self._epoch_losses:
-                values["epoch.train_loss_mean"] = sum(self._epoch_losses) / len(self._epoch_losses)
+            if self._epoch_loss_count:
+                values["epoch.train_loss_mean"] = self._epoch_loss_sum / self._epoch_loss_count
             self._epoch_start = (now, self._last_step, self._tokens_total, self._samples_total)
-            self._epoch_losses = []
+            self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
             self._export_event("epoch", values)
 
     def flush(self, timeout_millis: float = 10_000) -> bool:
@@ -227,12 +232,14 @@ class Telemetry:
             due = self._groups.groups_due(previous, step)
             self._next_due = self._groups.next_due_step(step)
             if due:
-                self._export_groups(due, step, now)
+                self._export_groups(due, step, now, across_ranks=True)
 
-    def _export_groups(self, due: frozenset[str], step: int, now: float) -> None:
+    def _export_groups(
+        self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
+    ) -> None:
         nonfinite: list[NonFiniteValue] = []
         if due & _STAGED_GROUPS:
-            nonfinite = self._resolve_and_record()
+            nonfinite = self._resolve_and_record(across_ranks=across_ranks)
         self.training.global_step.set(step)
         if "perf" in due:
             self._flush_step_durations()
@@ -244,18 +251,23 @@ class Telemetry:
         self._last_exported_step = step
         self.reader.export_groups(due, nonfinite)
 
-    def _resolve_and_record(self) -> list[NonFiniteValue]:
+    def _resolve_and_record(self, *, across_ranks: bool = False) -> list[NonFiniteValue]:
         training = self.training
         resolved: Resolved = resolve(
             training.staged_gauges, (training.staged_tokens, training.staged_samples)
         )
+        # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
+        # event, where a peer may already be gone and a collective would hang.
+        if across_ranks and self._reducer is not None:
+            resolved = self._reducer.reduce(resolved)
         nonfinite: list[NonFiniteValue] = []
         gauges = resolved.gauges
         if "train.loss" in gauges:
             gauges["train.perplexity"] = safe_exp(gauges["train.loss"])
             if math.isfinite(gauges["train.loss"]):
                 self._last_loss = gauges["train.loss"]
-                self._epoch_losses.append(gauges["train.loss"])
+                self._epoch_loss_sum += gauges["train.loss"]
+                self._epoch_loss_count += 1
         for name, value in gauges.items():
             if math.isfinite(value):
                 self._gauge(name).set(value)
@@ -361,6 +373,13 @@ class Telemetry:
                 name,
                 increment,
             )
+
+    def _disable_in_forked_child(self) -> None:
+        """Called in a forked child (os.register_at_fork): export nothing, take no lock the
+        parent's threads may have held at the fork."""
+        self._lock = threading.RLock()
+        self._closed = True
+        self.training.enabled = False
 
     def _closed_or_forked(self) -> bool:
         if self._closed:
