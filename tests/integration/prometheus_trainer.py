@@ -84,7 +84,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if step == 3:
+            if step == INTERVAL:  # a sampled step, so the overflow is not overwritten
                 grad_norm = torch.tensor(float("inf"))  # an fp16-style overflow step
             optimizer.step()
             tel.training.record(
