@@ -16,7 +16,7 @@ from otel_train.testing import CapturingExporter
 
 pytest.importorskip("opentelemetry.exporter.prometheus")
 
-from exporters.prometheus import (  # noqa: E402
+from exporters.prometheus import (
     DEFAULT_ADDRESS,
     DEFAULT_PORT,
     PORT_ENV,
@@ -156,5 +156,5 @@ def test_a_taken_port_logs_one_clear_line_and_training_continues(
     assert len(errors) == 1
     assert f"127.0.0.1:{port}" in errors[0] and PORT_ENV in errors[0]
     assert "continues" in errors[0]
-    tokens = [row.values["train/tokens"] for row in capture.rows if "train/tokens" in row.values]
-    assert tokens and tokens[-1] == 100.0
+    samples = [row.values["train/samples"] for row in capture.rows if "train/samples" in row.values]
+    assert samples and samples[-1] == 10.0  # 1 sample per step: the JSON-side keeps exporting
