@@ -158,3 +158,18 @@ def test_a_taken_port_logs_one_clear_line_and_training_continues(
     assert "continues" in errors[0]
     samples = [row.values["train/samples"] for row in capture.rows if "train/samples" in row.values]
     assert samples and samples[-1] == 10.0  # 1 sample per step: the JSON-side keeps exporting
+
+
+def test_a_collect_without_a_scrape_does_not_duplicate_families(tmp_path: Path) -> None:
+    """The SDK collector queues each collect until a scrape; a flush between scrapes would
+    otherwise expose every family twice (promtool and Prometheus reject the whole scrape)."""
+    exporter = PrometheusExporter(port=0)
+    with otel_train.setup(run="dup", output_dir=tmp_path, exporters=(exporter,)) as tel:
+        _train(tel, 10)
+        tel.provider.force_flush()
+        tel.provider.force_flush()
+        assert exporter.url is not None
+        text = _scrape(exporter.url)
+    type_lines = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert "# TYPE train_loss gauge" in type_lines
+    assert len(type_lines) == len(set(type_lines))
