@@ -18,6 +18,7 @@ _LAZY = {
     "WandbMetricExporter": "exporters.wandb",
     "PrometheusExporter": "exporters.prometheus",
     "OtlpExporter": "exporters.otlp",
+    "periodic_otlp_reader": "exporters.otlp",
 }
 
 __all__ = ["JsonLinesMetricExporter", *_LAZY]

@@ -8,6 +8,7 @@ last line; fsync at shutdown. An existing file is appended to (resumed runs), ne
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -20,8 +21,9 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
+from otel_train.ranks import detect_ranks
 from otel_train.rows import MetricRow, RowBuilder
-from otel_train.run_context import RunContext
+from otel_train.run_context import RunContext, file_safe_run_name
 
 _logger = logging.getLogger("otel_train.jsonl")
 
@@ -99,17 +101,36 @@ class JsonLinesMetricExporter(MetricExporter):
             ) from error
         self._path = path
 
+    def _open_from_env(self) -> bool:
+        """Built with no path and never bound (e.g. `OTEL_METRICS_EXPORTER=jsonl` through the
+        OTel SDK's configurator): take the run's place from the environment, once."""
+        env = os.environ
+        run = env.get("OTEL_TRAIN_RUN") or env.get("OTEL_SERVICE_NAME") or "otel"
+        rank = detect_ranks().rank
+        self._run, self._rank = run, rank
+        directory = Path(env.get("OTEL_TRAIN_OUTPUT_DIR") or "runs") / file_safe_run_name(run)
+        try:
+            self._open(directory / rank_file_name(rank))
+        except OtelTrainError as error:
+            self._path = directory  # do not retry on every export
+            _logger.error("otel-train: %s", error)
+            return False
+        return True
+
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        if self._file is None:
+        if self._file is None and self._path is None:
+            self._open_from_env()
+        file = self._file
+        if file is None:
             return MetricExportResult.FAILURE
         row = self._rows.build(metrics_data)
         line = row_to_json(row, run=self._run, stage=self._stage, rank=self._rank) + "\n"
         payload = line.encode("utf-8")
         with self._lock:
             try:
-                self._file.write(payload)
+                _write_whole_line(file, payload)
             except (OSError, ValueError) as error:
                 self.failures += 1
                 if not self._broken:
@@ -141,6 +162,18 @@ class JsonLinesMetricExporter(MetricExporter):
                     self._file.close()
                 except OSError:
                     pass
+
+
+def _write_whole_line(file: IO[bytes], payload: bytes) -> None:
+    """One write(2); a short write (disk full) is cut back so no half line stays behind.
+
+    Appends land at the end of the file whatever the offset says (O_APPEND; after a failed
+    write the offset can be stale), so the line starts at the file's current size."""
+    start = os.fstat(file.fileno()).st_size
+    written = file.write(payload)
+    if written is not None and written < len(payload):
+        os.ftruncate(file.fileno(), start)
+        raise OSError(errno.ENOSPC, f"short write: {written} of {len(payload)} bytes")
 
 
 def create_for_run(context: RunContext) -> JsonLinesMetricExporter:

@@ -82,7 +82,7 @@ def resolve(gauges: dict[str, Any], counters: Iterable[StagedCounter]) -> Resolv
     """Materialise staged values: host numbers as they are, tensors once per device.
 
     Clears what it consumed. Raises OtelTrainError for a tensor that is not a single value,
-    before anything is recorded, so a bad value cannot leave half a step exported.
+    before anything is recorded, and drops that value so the following steps export normally.
     """
     result = Resolved(gauges={}, counter_increments={})
     by_device: dict[Any, list[tuple[str, str, Any]]] = {}
@@ -90,7 +90,9 @@ def resolve(gauges: dict[str, Any], counters: Iterable[StagedCounter]) -> Resolv
         if value is None:
             continue
         if is_tensor(value):
-            _check_single_value(name, value)
+            if value.numel() != 1:
+                gauges[name] = None  # drop the bad value so later steps still export
+                _reject_shape(name, value)
             by_device.setdefault(value.device, []).append(("gauge", name, value))
         else:
             result.gauges[name] = _to_float(name, value)
@@ -98,7 +100,9 @@ def resolve(gauges: dict[str, Any], counters: Iterable[StagedCounter]) -> Resolv
         if counter.host_total:
             result.counter_increments[counter.name] = float(counter.host_total)
         for part in counter.device_parts:
-            _check_single_value(counter.name, part)
+            if part.numel() != 1:
+                counter.device_parts = []
+                _reject_shape(counter.name, part)
         if counter.device_parts:
             device = counter.device_parts[0].device
             by_device.setdefault(device, []).append(("counter", counter.name, counter.device_parts))
@@ -131,12 +135,11 @@ def _transfer_once(device: Any, items: list[tuple[str, str, Any]]) -> list[float
     return packed
 
 
-def _check_single_value(name: str, tensor: Any) -> None:
-    if tensor.numel() != 1:
-        raise OtelTrainError(
-            f"{name} got a tensor of shape {tuple(tensor.shape)}; record a 0-dim tensor "
-            "(e.g. loss.detach() or tensor.sum()), not a batch of values"
-        )
+def _reject_shape(name: str, tensor: Any) -> None:
+    raise OtelTrainError(
+        f"{name} got a tensor of shape {tuple(tensor.shape)}; record a 0-dim tensor "
+        "(e.g. loss.detach() or tensor.sum()), not a batch of values"
+    )
 
 
 def _to_float(name: str, value: object) -> float:

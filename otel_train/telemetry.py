@@ -12,16 +12,18 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from opentelemetry.metrics import Meter, _Gauge
+from opentelemetry.metrics import CallbackOptions, Meter, Observation, _Gauge
 from opentelemetry.sdk.metrics import MeterProvider
 
 from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.instruments import TrainingInstruments
+from otel_train.nonfinite import NonFiniteValue
 from otel_train.rates import RateTracker, ThroughputSettings
-from otel_train.reader import NonFiniteValue, StepSampledReader
+from otel_train.reader import StepSampledReader
+from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
 from otel_train.staging import Resolved, resolve, safe_exp
@@ -30,7 +32,10 @@ _logger = logging.getLogger("otel_train")
 
 # Groups whose instruments are fed from staged values: only these force a resolution.
 _STAGED_GROUPS = frozenset({"train", "perf"})
-_MAX_BUFFERED_STEP_TIMES = 8192
+# Step durations wait for the next perf-sampled step, where they go into the histogram (each
+# SDK record costs microseconds: that work belongs to sampled steps). Past this many (perf
+# interval longer than this, or perf made an event group) they are recorded in one go.
+_MAX_BUFFERED_STEP_TIMES = 65_536
 
 
 class Telemetry:
@@ -47,6 +52,7 @@ class Telemetry:
         clock: Callable[[], float],
         shutdown_timeout_millis: float,
         resume_step: int = 0,
+        reducer: CrossRankReducer | None = None,
     ) -> None:
         self.provider = provider
         self.reader = reader
@@ -75,9 +81,13 @@ class Telemetry:
         self._best_perplexity = math.inf
         self._last_loss: float | None = None
         self._epoch_start = (self._start_time, resume_step, 0.0, 0.0)
-        self._epoch_losses: list[float] = []
+        # A running sum, not a list: a run that never ends an epoch must not grow per step.
+        self._epoch_loss_sum = 0.0
+        self._epoch_loss_count = 0
         self._epochs_ended = 0
         self._warned_negative = False
+        self._reducer = reducer  # reduce_across_ranks=True: one all_reduce per sampled step
+        self._register_health_instruments()
 
     # -- public surface -------------------------------------------------------------------
     @property
@@ -172,10 +182,10 @@ class Telemetry:
             }
             if duration > 0:
                 values["epoch.tokens_per_second"] = values["epoch.tokens"] / duration
-            if self._epoch_losses:
-                values["epoch.train_loss_mean"] = sum(self._epoch_losses) / len(self._epoch_losses)
+            if self._epoch_loss_count:
+                values["epoch.train_loss_mean"] = self._epoch_loss_sum / self._epoch_loss_count
             self._epoch_start = (now, self._last_step, self._tokens_total, self._samples_total)
-            self._epoch_losses = []
+            self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
             self._export_event("epoch", values)
 
     def flush(self, timeout_millis: float = 10_000) -> bool:
@@ -223,12 +233,13 @@ class Telemetry:
             due = self._groups.groups_due(previous, step)
             self._next_due = self._groups.next_due_step(step)
             if due:
-                self._export_groups(due, step, now)
+                self._export_groups(due, step, now, across_ranks=True)
 
-    def _export_groups(self, due: frozenset[str], step: int, now: float) -> None:
-        nonfinite: list[NonFiniteValue] = []
+    def _export_groups(
+        self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
+    ) -> None:
         if due & _STAGED_GROUPS:
-            nonfinite = self._resolve_and_record()
+            self._resolve_and_record(across_ranks=across_ranks)
         self.training.global_step.set(step)
         if "perf" in due:
             self._flush_step_durations()
@@ -238,25 +249,25 @@ class Telemetry:
             for name, value in rates.items():
                 self._gauge(name).set(value)
         self._last_exported_step = step
-        self.reader.export_groups(due, nonfinite)
+        self.reader.export_groups(due)
 
-    def _resolve_and_record(self) -> list[NonFiniteValue]:
+    def _resolve_and_record(self, *, across_ranks: bool = False) -> None:
         training = self.training
         resolved: Resolved = resolve(
             training.staged_gauges, (training.staged_tokens, training.staged_samples)
         )
-        nonfinite: list[NonFiniteValue] = []
+        # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
+        # event, where a peer may already be gone and a collective would hang.
+        if across_ranks and self._reducer is not None:
+            resolved = self._reducer.reduce(resolved)
         gauges = resolved.gauges
         if "train.loss" in gauges:
             gauges["train.perplexity"] = safe_exp(gauges["train.loss"])
             if math.isfinite(gauges["train.loss"]):
                 self._last_loss = gauges["train.loss"]
-                self._epoch_losses.append(gauges["train.loss"])
-        for name, value in gauges.items():
-            if math.isfinite(value):
-                self._gauge(name).set(value)
-            else:
-                nonfinite.append(self._nonfinite_value(name, value))
+                self._epoch_loss_sum += gauges["train.loss"]
+                self._epoch_loss_count += 1
+        nonfinite = self._set_gauges(gauges)
         for name, increment in resolved.counter_increments.items():
             if not math.isfinite(increment) or increment < 0:
                 self._warn_bad_increment(name, increment)
@@ -268,8 +279,7 @@ class Telemetry:
             else:
                 self._samples_total += increment
         if nonfinite:
-            training.nonfinite.add(len(nonfinite))
-        return nonfinite
+            training.nonfinite.add(nonfinite)
 
     def _flush_step_durations(self) -> None:
         durations, self._step_durations = self._step_durations, []
@@ -278,14 +288,24 @@ class Telemetry:
             record(duration)
 
     def _export_event(self, group: str, values: Mapping[str, float]) -> None:
-        nonfinite = []
+        self._set_gauges(values)
+        self.training.global_step.set(self._last_step)
+        self.reader.export_groups(frozenset({group}))
+
+    def _set_gauges(self, values: Mapping[str, float]) -> int:
+        """Finite values go to the SDK; non-finite ones to the board every reader patches
+        from (the SDK would drop them and keep showing the previous value). Returns how
+        many were non-finite."""
+        board = self.reader.nonfinite
+        nonfinite = 0
         for name, value in values.items():
             if math.isfinite(value):
                 self._gauge(name).set(value)
+                board.clear(name)
             else:
-                nonfinite.append(self._nonfinite_value(name, value))
-        self.training.global_step.set(self._last_step)
-        self.reader.export_groups(frozenset({group}), nonfinite)
+                board.mark(self._nonfinite_value(name, value))
+                nonfinite += 1
+        return nonfinite
 
     def _final_values(self) -> dict[str, float]:
         values = {
@@ -302,6 +322,32 @@ class Telemetry:
         return values
 
     # -- helpers --------------------------------------------------------------------------
+    def _register_health_instruments(self) -> None:
+        """Exporter drops and failures as counters: visible where the other metrics are."""
+
+        def observe(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def callback(options: CallbackOptions) -> Iterable[Observation]:
+                return [
+                    Observation(getattr(worker, attribute), {"exporter": worker.name})
+                    for worker in self.reader.exporters
+                    if getattr(worker, attribute)
+                ]
+
+            return self.reader.sampled_callback("health", callback)
+
+        self._meter.create_observable_counter(
+            "otel_train.export.dropped",
+            callbacks=[observe("dropped")],
+            unit="{batch}",
+            description="Batches an exporter dropped because its queue was full",
+        )
+        self._meter.create_observable_counter(
+            "otel_train.export.failed",
+            callbacks=[observe("failed")],
+            unit="{batch}",
+            description="Batches an exporter failed to deliver",
+        )
+
     def _gauge(self, name: str) -> _Gauge:
         """Standard gauges by name; event/extra gauges created once on first use."""
         gauge = self._event_gauges.get(name)
@@ -331,6 +377,13 @@ class Telemetry:
                 name,
                 increment,
             )
+
+    def _disable_in_forked_child(self) -> None:
+        """Called in a forked child (os.register_at_fork): export nothing, take no lock the
+        parent's threads may have held at the fork."""
+        self._lock = threading.RLock()
+        self._closed = True
+        self.training.enabled = False
 
     def _closed_or_forked(self) -> bool:
         if self._closed:

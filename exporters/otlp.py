@@ -1,0 +1,119 @@
+"""OTLP to a collector: the SDK's OTLP/HTTP (protobuf) metric exporter.
+
+Step-sampled by default (a push exporter behind our reader and its background queue); time-
+based on request (`OTEL_TRAIN_OTLP_INTERVAL_MILLIS`, or `periodic_otlp_reader()`). Endpoint,
+headers, timeout, compression come from the standard `OTEL_EXPORTER_OTLP_*` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+
+from otel_train.errors import OtelTrainError
+from otel_train.run_context import RunContext
+
+try:
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+except ImportError as error:  # the optional extra is missing
+    raise ImportError(
+        f'{error}; OTLP export needs: pip install "otel-train[otlp]"', name=error.name
+    ) from error
+
+_logger = logging.getLogger("otel_train.otlp")
+
+INTERVAL_ENV = "OTEL_TRAIN_OTLP_INTERVAL_MILLIS"
+
+
+class OtlpExporter(OTLPMetricExporter):
+    """The SDK's OTLP/HTTP metric exporter, unchanged on the wire. Every argument is optional
+    and falls back to `OTEL_EXPORTER_OTLP_METRICS_*` / `OTEL_EXPORTER_OTLP_*` (SDK rules)."""
+
+
+class ForkSafePeriodicReader(PeriodicExportingMetricReader):
+    """A time-based reader that stays silent in forked children and bounds its shutdown.
+
+    The SDK restarts the export thread in a forked child (a DataLoader worker would then
+    re-export the parent's values); here the child gets no thread and exports nothing. The
+    SDK's shutdown does a last collect whose export can outlast the reader's timeout on a dead
+    endpoint: it runs on a daemon thread joined with the budget instead.
+    """
+
+    def __init__(
+        self,
+        exporter: MetricExporter,
+        *,
+        export_interval_millis: float,
+        export_timeout_millis: float = 10_000,
+    ) -> None:
+        if not export_interval_millis > 0:
+            raise OtelTrainError(
+                f"export_interval_millis must be > 0, got {export_interval_millis!r}"
+            )
+        self._owner_pid = os.getpid()
+        super().__init__(
+            exporter,
+            export_interval_millis=export_interval_millis,
+            export_timeout_millis=export_timeout_millis,
+        )
+
+    def _at_fork_reinit(self) -> None:
+        # The SDK registers this with os.register_at_fork: in a forked child, start no thread.
+        self._daemon_thread = None  # type: ignore[assignment]
+        self._shutdown = True
+
+    def _receive_metrics(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any):  # type: ignore[no-untyped-def]
+        if os.getpid() != self._owner_pid:
+            return None
+        return super()._receive_metrics(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        if os.getpid() != self._owner_pid:
+            return
+        closer = threading.Thread(
+            target=super().shutdown,
+            kwargs={"timeout_millis": timeout_millis},
+            name="otel-train-otlp-shutdown",
+            daemon=True,
+        )
+        closer.start()
+        closer.join(timeout_millis / 1000)
+        if closer.is_alive():
+            _logger.warning(
+                "otel-train: OTLP shutdown did not finish within %.0f ms; the last export was "
+                "abandoned",
+                timeout_millis,
+            )
+
+
+def periodic_otlp_reader(
+    *,
+    export_interval_millis: float,
+    exporter: MetricExporter | None = None,
+    export_timeout_millis: float = 10_000,
+) -> ForkSafePeriodicReader:
+    """Time-based OTLP: pass the result in `setup(exporters=[...])`."""
+    return ForkSafePeriodicReader(
+        exporter or OtlpExporter(),
+        export_interval_millis=export_interval_millis,
+        export_timeout_millis=export_timeout_millis,
+    )
+
+
+def create_for_run(context: RunContext) -> MetricExporter | ForkSafePeriodicReader:
+    """`exporters=("otlp",)`: every rank pushes its own series (the resource names the rank)."""
+    raw = os.environ.get(INTERVAL_ENV, "").strip()
+    if not raw:
+        return OtlpExporter()
+    try:
+        interval = float(raw)
+    except ValueError:
+        raise OtelTrainError(
+            f"{INTERVAL_ENV}={raw!r} is not a number of milliseconds; e.g. 10000, or unset it "
+            "for step-sampled export"
+        ) from None
+    return periodic_otlp_reader(export_interval_millis=interval)

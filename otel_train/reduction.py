@@ -1,0 +1,95 @@
+"""Cross-rank reduction at sampled steps: ONE packed all_reduce of the resolved values.
+
+Gauges (loss, grad norm, ...) become the mean over the ranks that recorded them, counter
+increments (tokens, samples) the sum. Every rank reaches the same sampled steps (sampling is
+by step), so the collective cannot deadlock a healthy job; every rank must call `step()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from otel_train.staging import Resolved
+
+_logger = logging.getLogger("otel_train.reduction")
+
+# A fixed slot order, identical on every rank: the packed vector must line up element-wise.
+GAUGE_SLOTS = ("train.loss", "train.learning_rate", "train.grad_norm", "train.epoch")
+COUNTER_SLOTS = ("train.tokens", "train.samples")
+
+
+class CrossRankReducer:
+    """Packs [value, present] per gauge and the counter increments into one float64 vector."""
+
+    def __init__(self, *, keep_on_this_rank: bool) -> None:
+        # Every rank takes part in the collective; only rank 0 replaces its values by the
+        # global ones, so summing `train_tokens_total` over ranks never double-counts.
+        self.keep_on_this_rank = keep_on_this_rank
+        self.reductions = 0
+        self._warned = False
+
+    def active(self) -> bool:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        dist = torch.distributed
+        return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+    def reduce(self, resolved: Resolved) -> Resolved:
+        """All-reduce `resolved` across ranks. Any failure leaves the local values in place."""
+        if not self.active():
+            return resolved
+        try:
+            return self._reduce(resolved)
+        except Exception as error:  # a broken group must not take the training loop down
+            if not self._warned:
+                self._warned = True
+                _logger.error(
+                    "otel-train: cross-rank reduction failed (%r); exporting this rank's own "
+                    "values instead",
+                    error,
+                )
+            return resolved
+
+    def _reduce(self, resolved: Resolved) -> Resolved:
+        import torch
+        import torch.distributed as dist
+
+        packed = pack(resolved)
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        vector = torch.tensor(packed, dtype=torch.float64, device=device)
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM)  # the one collective of this step
+        self.reductions += 1
+        if not self.keep_on_this_rank:
+            return resolved
+        return unpack(vector.tolist(), resolved)
+
+
+def pack(resolved: Resolved) -> list[float]:
+    values: list[float] = []
+    for name in GAUGE_SLOTS:
+        value = resolved.gauges.get(name)
+        values += [0.0, 0.0] if value is None else [value, 1.0]
+    for name in COUNTER_SLOTS:
+        values.append(resolved.counter_increments.get(name, 0.0))
+    return values
+
+
+def unpack(summed: list[float], local: Resolved) -> Resolved:
+    """Means for gauges (over the ranks that had one), sums for counters."""
+    gauges = dict(local.gauges)
+    for index, name in enumerate(GAUGE_SLOTS):
+        total, count = summed[2 * index], summed[2 * index + 1]
+        if count > 0:
+            gauges[name] = total / count
+    increments: dict[str, Any] = dict(local.counter_increments)
+    offset = 2 * len(GAUGE_SLOTS)
+    for index, name in enumerate(COUNTER_SLOTS):
+        total = summed[offset + index]
+        if total or name in increments:
+            increments[name] = total
+    return Resolved(gauges=gauges, counter_increments=increments)

@@ -1,0 +1,101 @@
+"""SIGTERM / SIGINT / SIGKILL mid-run, on a real training loop in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.otlp_receiver import OtlpReceiver
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("loop_worker.py")
+
+
+def _start(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(tmp_path), "100000000", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _complete_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().split("\n")[:-1] if line]
+
+
+def _wait_until_step(proc: subprocess.Popen, path: Path, step: int, timeout: float = 60) -> int:
+    """Poll the JSON lines until a row at `step` or later exists; return the last step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        lines = _complete_lines(path)
+        if lines:
+            seen = json.loads(lines[-1])["step"]
+            if seen >= step:
+                return int(seen)
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the loop never reached step {step}")
+
+
+def _assert_every_sampled_step_then_final(path: Path, seen_before_signal: int) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    train_steps = [row["step"] for row in rows if "train/loss" in row["metrics"]]
+    sampled = [step for step in train_steps if step % 5 == 0]
+    last_sampled = sampled[-1]
+    assert last_sampled >= seen_before_signal
+    assert sampled == list(range(5, last_sampled + 1, 5))  # none missing, none twice
+    final = rows[-1]["metrics"]
+    assert final["final/total_steps"] == rows[-1]["step"] >= last_sampled
+    assert final["final/total_tokens"] == rows[-1]["step"] * 64 * 16
+
+
+@pytest.mark.parametrize(("signum", "otlp"), [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_signal_mid_run_flushes_every_sampled_step_then_ends_as_the_signal_says(
+    tmp_path, signum, otlp
+):
+    # With a collector that holds every request for 30 s, the flush must still be bounded
+    # by the 2 s shutdown budget the worker sets.
+    with OtlpReceiver(script=lambda n: (200, 30.0)) as rx:
+        proc = _start(tmp_path, *([rx.endpoint] if otlp else []))
+        path = tmp_path / "killed" / "rank0.jsonl"
+        seen = _wait_until_step(proc, path, 100)
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+        exit_seconds = time.monotonic() - sent
+    assert proc.returncode == -signum, err[-2000:]  # the default behaviour went on
+    assert exit_seconds < 2.0 + 6.0  # the flush budget plus generous slack for 2 cores
+    _assert_every_sampled_step_then_final(path, seen)
+
+
+def test_sigkill_leaves_at_most_a_partial_last_line(tmp_path):
+    proc = _start(tmp_path)
+    path = tmp_path / "killed" / "rank0.jsonl"
+    _wait_until_step(proc, path, 200)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    text = path.read_text()
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: "" or the one partial line
+    rows = [json.loads(line) for line in complete]  # every complete line parses
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)) and len(steps) >= 40
+    if tail:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(tail)
