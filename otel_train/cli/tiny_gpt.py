@@ -59,6 +59,7 @@ class TinyGpt(nn.Module):
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.width)
         self.head = nn.Linear(config.width, VOCAB_SIZE, bias=False)
+        self.causal_mask: torch.Tensor
         mask = torch.triu(torch.ones(config.seq_len, config.seq_len, dtype=torch.bool), 1)
         self.register_buffer("causal_mask", mask, persistent=False)
 
@@ -88,24 +89,21 @@ def flops_per_token(model: TinyGpt) -> float:
     return 6.0 * dense + 12.0 * config.layers * config.width * config.seq_len
 
 
-def measure_peak_flops(device: torch.device, *, seconds: float = 0.3) -> float:
-    """Dense matmul FLOP/s this device reaches right now: the MFU denominator on a CPU, which
-    has no datasheet entry. On a GPU, pass the datasheet peak instead (it is higher)."""
-    size = 512
+def measure_peak_flops(device: torch.device, *, trials: int = 6, size: int = 768) -> float:
+    """Dense fp32 matmul FLOP/s this device reaches (best of a few short trials, so a busy
+    machine lowers it less): the MFU denominator on a CPU, which has no datasheet entry.
+    On a GPU the datasheet peak is the honest denominator; this underestimates it."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    a @ b  # warm up
-    count = 0
-    start = time.perf_counter()
-    while True:
-        a @ b
-        count += 1
-        if count % 8 == 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if time.perf_counter() - start >= seconds:
-                break
-    return 2.0 * size**3 * count / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials + 1):  # the first trial warms up
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 4 * 2.0 * size**3 / (time.perf_counter() - start))
+    return best
 
 
 class BatchSampler:
