@@ -85,7 +85,9 @@ def test_report_writes_summary_and_non_empty_pngs(demo_runs: tuple[Path, Path, s
     summary = json.loads((run_a / "summary.json").read_text())
     record = read_run(run_a)
     assert summary["final_loss"] == pytest.approx(record.last("train/loss"))
-    assert summary["best_eval_perplexity"] == pytest.approx(min(record.series("eval/perplexity")[1]))
+    assert summary["best_eval_perplexity"] == pytest.approx(
+        min(record.series("eval/perplexity")[1])
+    )
     assert summary["median_tokens_per_second"] > 0 and summary["step_time_p95"] > 0
     assert summary["gpu_memory_peak"] is None  # no GPU here: reported as n/a, not 0
     assert "best eval perplexity" in result.stdout and "n/a" in result.stdout
