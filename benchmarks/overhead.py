@@ -128,6 +128,16 @@ def make_variants(workdir: Path, config: tiny_gpt.TinyGptConfig) -> tuple[dict[s
     return variants, (close, tel)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run(rounds: int, steps: int, warmup: int) -> dict[str, Any]:
     torch.manual_seed(0)
     config = tiny_gpt.TinyGptConfig()
@@ -186,7 +196,7 @@ def run(rounds: int, steps: int, warmup: int) -> dict[str, Any]:
         for name in names
     }
     return {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} threads={torch.get_num_threads()}, {platform.system()}",
         "rounds": rounds,
         "steps_per_round": steps,
