@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
         f"on {device.type}; measuring the device's matmul peak for MFU..."
     )
-    peak_flops = tiny_gpt.measure_peak_flops(device)
+    peak_flops = tiny_gpt.measure_peak_flops_isolated(device)
     latest = LatestValuesExporter()
     train_bytes = len(sampler.train_data)
 

@@ -5,9 +5,13 @@ Used by `otel-train demo` and `benchmarks/overhead.py`, so both measure the same
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +108,32 @@ def measure_peak_flops(device: torch.device, *, trials: int = 6, size: int = 768
             torch.cuda.synchronize(device)
         best = max(best, 4 * 2.0 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def measure_peak_flops_isolated(device: torch.device) -> float:
+    """`measure_peak_flops` in a child process on a CPU: big matmuls in the training process
+    were seen to slow the next ~100 steps of the small model up to 10x (thread-pool / allocator
+    state); a child leaves the trainer's process untouched. Costs a torch import (~2 s)."""
+    if device.type != "cpu":
+        return measure_peak_flops(device)
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import torch; from otel_train.cli.tiny_gpt import measure_peak_flops; "
+        "print(measure_peak_flops(torch.device('cpu')))"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 class BatchSampler:
