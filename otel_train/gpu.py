@@ -11,6 +11,7 @@ steps and on pull scrapes only. No NVML / no CUDA: the instruments are simply no
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -115,11 +116,10 @@ def _load_nvml() -> Any:
 
 
 def _load_cuda() -> Any:
-    try:
-        import torch
-    except ImportError:
+    torch = sys.modules.get("torch")  # only a program that uses torch has its allocator
+    if torch is None or not torch.cuda.is_available():
         return None
-    return torch.cuda if torch.cuda.is_available() else None
+    return torch.cuda
 
 
 def register_gpu_metrics(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,8 @@ def peak_flops(device_name: str | None = None, dtype: object = "bf16") -> float 
 
 
 def _current_cuda_device_name() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is None or not torch.cuda.is_available():
         return None
     return str(torch.cuda.get_device_name(torch.cuda.current_device()))
 
