@@ -1,0 +1,295 @@
+"""W&B exporter with real wandb in offline mode; the `.wandb` file is read back record by record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+wandb = pytest.importorskip("wandb")
+
+import otel_train  # noqa: E402
+from exporters.wandb import RUN_ID_FILE, WandbMetricExporter  # noqa: E402
+from tests.wandb_records import WandbRun, find_run_file, read_run  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+TRAIN_KEYS = {
+    "train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/global_step",
+    "train/perplexity", "train/num_input_tokens_seen", "train/samples",
+}  # fmt: skip
+PERF_KEYS = {
+    "perf/step_time", "perf/step_time_p50", "perf/step_time_p95", "perf/tokens_per_second",
+    "perf/samples_per_second", "perf/steps_per_second", "perf/eta_minutes",
+    "perf/flops_per_second", "perf/mfu", "perf/mfu_percent",
+}  # fmt: skip
+EVAL_KEYS = {"eval/loss", "eval/perplexity", "eval/best_perplexity"}
+EPOCH_KEYS = {
+    "epoch/number", "epoch/steps", "epoch/tokens", "epoch/samples", "epoch/duration",
+    "epoch/tokens_per_second", "epoch/train_loss_mean",
+}  # fmt: skip
+FINAL_KEYS = {
+    "final/total_steps", "final/total_tokens", "final/total_samples", "final/wall_time",
+    "final/best_perplexity", "final/best_eval_loss", "final/train_loss",
+}  # fmt: skip
+BATCH, SEQ = 4, 16
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    wandb_dir = tmp_path / "wandb_files"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "otel-train-tests")
+    # wandb reads WANDB_* once per process (its setup singleton): start each test afresh.
+    wandb.teardown()
+    yield wandb_dir
+    wandb.teardown()
+
+
+def train(
+    tmp_path: Path,
+    *,
+    exporters: tuple[Any, ...],
+    steps: int = 200,
+    stage: str = "pretrain",
+    run: str = "tiny",
+    eval_every: int = 100,
+    config: dict[str, Any] | None = None,
+    start_step: int = 0,
+    key_preset: str = "default",
+    shutdown_timeout_millis: float = 20_000,
+) -> otel_train.Telemetry:
+    """A real tiny torch model trained for `steps` optimizer steps, instrumented."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(SEQ, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    params = sum(p.numel() for p in model.parameters())
+    tel = otel_train.setup(
+        run=run,
+        stage=stage,
+        output_dir=tmp_path / "runs",
+        exporters=exporters,
+        total_steps=start_step + steps,
+        flops_per_token=6.0 * params,
+        peak_flops=1e12,
+        config=config,
+        resume_step=start_step,
+        key_preset=key_preset,
+        shutdown_timeout_millis=shutdown_timeout_millis,
+    )
+    with tel:
+        for step in range(start_step + 1, start_step + steps + 1):
+            inputs = torch.randn(BATCH, SEQ)
+            loss = torch.nn.functional.mse_loss(model(inputs), inputs.sum(1, keepdim=True))
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            tel.training.record(
+                loss=loss.detach(),
+                learning_rate=0.05,
+                grad_norm=grad_norm,
+                tokens=BATCH * SEQ,
+                samples=BATCH,
+                epoch=step / steps,
+            )
+            tel.step(step)
+            if step % eval_every == 0:
+                with torch.no_grad():
+                    val = torch.randn(BATCH, SEQ)
+                    tel.evaluate(loss=torch.nn.functional.mse_loss(model(val), val.sum(1, True)))
+        tel.end_epoch(1)
+    return tel
+
+
+def jsonl_rows(tmp_path: Path, run: str = "tiny") -> list[dict[str, Any]]:
+    lines = (tmp_path / "runs" / run / "rank0.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def user_keys(row: dict[str, Any]) -> set[str]:
+    return {key for key in row if not key.startswith("_")}
+
+
+def read_only_run(wandb_dir: Path) -> WandbRun:
+    return read_run(find_run_file(wandb_dir))
+
+
+def test_offline_run_file_holds_sampled_rows_on_one_step_axis(
+    tmp_path: Path, wandb_env: Path
+) -> None:
+    config = {
+        "lr": 0.05,
+        "wandb_api_key": "sk-live-123",
+        "optim": {"hf_token": "hf_abc", "Password": "pw", "betas": [0.9, 0.95]},
+        "num_tokens": 1024,
+    }
+    tel = train(tmp_path, exporters=("jsonl", "wandb"), config=config)
+    assert tel.export_stats()["wandb"]["failed"] == 0
+    run = read_only_run(wandb_env)
+
+    # History: one row per sampled step (train every 10), perf every 20, eval/epoch merged.
+    assert run.history_steps == list(range(10, 201, 10))
+    for step, row in zip(run.history_steps, run.history, strict=True):
+        expected = set(TRAIN_KEYS)
+        if step % 20 == 0:
+            expected |= PERF_KEYS
+        if step % 100 == 0:
+            expected |= EVAL_KEYS
+        if step == 200:
+            expected |= EPOCH_KEYS
+        assert user_keys(row) == expected, step
+        assert row["train/global_step"] == step
+        assert row["_step"] == step
+    assert all(b > a for a, b in zip(run.history_steps, run.history_steps[1:], strict=False))
+
+    # The same values reach W&B and JSON lines (one naming rule).
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in jsonl_rows(tmp_path):
+        by_step.setdefault(line["step"], {}).update(line["metrics"])
+    for step, row in zip(run.history_steps, run.history, strict=True):
+        assert row["train/loss"] == pytest.approx(by_step[step]["train/loss"])
+        assert row["train/num_input_tokens_seen"] == step * BATCH * SEQ
+
+    # Config: present, secrets redacted at any depth, counting words kept.
+    assert run.config["lr"] == 0.05
+    assert run.config["wandb_api_key"] == "***REDACTED***"
+    assert run.config["optim"]["hf_token"] == "***REDACTED***"
+    assert run.config["optim"]["Password"] == "***REDACTED***"
+    assert run.config["optim"]["betas"] == [0.9, 0.95]
+    assert run.config["num_tokens"] == 1024
+    assert "sk-live-123" not in json.dumps(run.config)
+
+    # Summary: final/* from shutdown, min for losses, max for throughput; axis and grouping.
+    assert FINAL_KEYS <= set(run.summary)
+    assert run.summary["final/total_steps"] == 200
+    assert run.summary["final/total_tokens"] == 200 * BATCH * SEQ
+    assert not any(k.startswith("final/") for row in run.history for k in row)
+    losses = [row["train/loss"] for row in run.history]
+    assert run.summary["train/loss"]["min"] == pytest.approx(min(losses))
+    throughput = [row["perf/tokens_per_second"] for row in run.history if "perf/mfu" in row]
+    assert run.summary["perf/tokens_per_second"]["max"] == pytest.approx(max(throughput))
+    step_metrics = {m.glob_name or m.name: m.step_metric for m in run.metrics}
+    assert step_metrics["*"] == "train/global_step"
+    assert run.job_type == "pretrain" and "pretrain" in run.tags
+
+
+def test_pretrain_sft_and_dpo_runs_produce_the_same_keys(tmp_path: Path, wandb_env: Path) -> None:
+    key_sets = {}
+    for stage in ("pretrain", "sft", "dpo"):
+        stage_dir = wandb_env / stage
+        stage_dir.mkdir()
+        exporter = WandbMetricExporter(dir=stage_dir)
+        train(tmp_path / stage, exporters=(exporter,), steps=40, eval_every=40, stage=stage)
+        run = read_only_run(stage_dir)
+        assert run.job_type == stage and stage in run.tags
+        key_sets[stage] = set().union(*(user_keys(row) for row in run.history))
+        key_sets[stage] |= {k for k in run.summary if k.startswith("final/")}
+    assert key_sets["pretrain"] == key_sets["sft"] == key_sets["dpo"]
+    assert TRAIN_KEYS | PERF_KEYS | EVAL_KEYS | EPOCH_KEYS | FINAL_KEYS == key_sets["sft"]
+
+
+def test_legacy_preset_keys_reach_wandb_with_their_own_step_axis(
+    tmp_path: Path, wandb_env: Path
+) -> None:
+    train(tmp_path, exporters=("wandb",), steps=20, eval_every=20, key_preset="legacy_training")
+    run = read_only_run(wandb_env)
+    keys = set().union(*(user_keys(row) for row in run.history))
+    assert {"training/lr", "training/loss", "training/global_step"} <= keys
+    assert "train/learning_rate" not in keys and "train/loss" not in keys
+    step_metrics = {m.glob_name or m.name: m.step_metric for m in run.metrics}
+    assert step_metrics["*"] == "training/global_step"
+    assert run.summary["training/loss"]["min"] <= run.history[-1]["training/loss"]
+
+
+def test_resumed_run_continues_the_same_wandb_run_and_axis(tmp_path: Path, wandb_env: Path) -> None:
+    train(tmp_path, exporters=("wandb",), steps=50, eval_every=1000)
+    run_id = (tmp_path / "runs" / "tiny" / RUN_ID_FILE).read_text().strip()
+    train(tmp_path, exporters=("wandb",), steps=50, eval_every=1000, start_step=50)
+    files = sorted(p for p in wandb_env.rglob("run-*.wandb") if "latest-run" not in p.parts)
+    assert len(files) == 2
+    first, second = (read_run(path) for path in files)
+    assert first.run_id == second.run_id == run_id
+    assert first.history_steps == [10, 20, 30, 40, 50]
+    assert second.history_steps == [60, 70, 80, 90, 100]
+    assert second.summary["final/total_steps"] == 100
+
+
+def _count_rows_with(tmp_path: Path, exporters: tuple[Any, ...]) -> list[int | None]:
+    train(tmp_path, exporters=exporters, steps=60, eval_every=30, shutdown_timeout_millis=3_000)
+    return [row["step"] for row in jsonl_rows(tmp_path)]
+
+
+@pytest.fixture
+def control_steps(tmp_path: Path, wandb_env: Path) -> list[int | None]:
+    return _count_rows_with(tmp_path / "control", ("jsonl",))
+
+
+def test_wandb_not_logged_in_costs_no_jsonl_rows(
+    tmp_path: Path,
+    wandb_env: Path,
+    control_steps: list[int | None],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Real wandb, online mode, no API key anywhere: wandb.init raises UsageError.
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    exporter = WandbMetricExporter()
+    with caplog.at_level(logging.ERROR, logger="otel_train.wandb"):
+        steps = _count_rows_with(tmp_path, ("jsonl", exporter))
+    assert steps == control_steps
+    assert exporter.failure_reason is not None and "API key" in exporter.failure_reason
+    starts = [r for r in caplog.records if "W&B could not start" in r.getMessage()]
+    assert len(starts) == 1
+
+
+def test_exceptions_from_wandb_log_cost_no_jsonl_rows(
+    tmp_path: Path,
+    wandb_env: Path,
+    control_steps: list[int | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fault injection on the real wandb Run class: every log() raises.
+    def broken_log(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("injected: network down")
+
+    monkeypatch.setattr(wandb.Run, "log", broken_log)
+    exporter = WandbMetricExporter()
+    steps = _count_rows_with(tmp_path, ("jsonl", exporter))
+    assert steps == control_steps
+    assert exporter.failures > 0 and exporter.logged_rows == 0
+
+
+def test_hanging_wandb_init_neither_blocks_training_nor_holds_shutdown(
+    tmp_path: Path,
+    wandb_env: Path,
+    control_steps: list[int | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+
+    def hanging_init(*args: Any, **kwargs: Any) -> Any:  # what init does with no network
+        release.wait(60)
+        raise TimeoutError("injected hang released")
+
+    monkeypatch.setattr(wandb, "init", hanging_init)
+    exporter = WandbMetricExporter(init_timeout_seconds=30)
+    try:
+        steps = _count_rows_with(tmp_path, ("jsonl", exporter))
+    finally:
+        release.set()
+    assert steps == control_steps  # jsonl got every row while the W&B thread was stuck
+    assert exporter.run is None
