@@ -293,3 +293,17 @@ def test_hanging_wandb_init_neither_blocks_training_nor_holds_shutdown(
         release.set()
     assert steps == control_steps  # jsonl got every row while the W&B thread was stuck
     assert exporter.run is None
+
+
+def test_reader_reassembles_records_split_across_32k_blocks(wandb_env: Path) -> None:
+    blob = "x" * 70_000  # one record spanning three blocks: FIRST, MIDDLE, LAST
+    run = wandb.init(dir=wandb_env, config={"blob": blob})
+    for step in range(1, 401):
+        run.log({"train/loss": 1.0 / step}, step=step)
+    run.finish()
+    path = find_run_file(wandb_env)
+    assert path.stat().st_size > 3 * 32768
+    decoded = read_run(path)
+    assert decoded.config["blob"] == blob
+    assert decoded.history_steps == list(range(1, 401))
+    assert decoded.history[-1]["train/loss"] == pytest.approx(1 / 400)
