@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,22 @@ def test_reader_reassembles_records_split_across_32k_blocks(wandb_env: Path) -> 
     assert decoded.config["blob"] == blob
     assert decoded.history_steps == list(range(1, 401))
     assert decoded.history[-1]["train/loss"] == pytest.approx(1 / 400)
+
+
+def test_exporter_works_behind_a_plain_otel_reader(tmp_path: Path, wandb_env: Path) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    exporter = WandbMetricExporter(dir=wandb_env)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)
+    provider = MeterProvider(metric_readers=[reader])
+    gauge = provider.get_meter("plain").create_gauge("train.reward")
+    for value in (1.0, 2.0, 3.0):
+        gauge.set(value)
+        reader.force_flush()
+    provider.shutdown()
+    run = read_only_run(wandb_env)
+    # No global step in a plain pipeline: exports are numbered and that number is the axis.
+    assert run.history_steps == [1, 2, 3]
+    assert [row["train/reward"] for row in run.history] == [1.0, 2.0, 3.0]
+    assert [row["train/global_step"] for row in run.history] == [1, 2, 3]
