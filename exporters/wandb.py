@@ -123,6 +123,7 @@ class WandbMetricExporter(MetricExporter):
         self._lock = threading.Lock()
         self._run: Any = None
         self._broken: str | None = None
+        self._closed = False
         self._last_step: int | None = None
         self._exports_without_step = 0
         self._warned_log_failure = False
@@ -182,7 +183,7 @@ class WandbMetricExporter(MetricExporter):
     ) -> MetricExportResult:
         if not self._active:
             return MetricExportResult.SUCCESS  # not this rank's job
-        if self._broken is not None:
+        if self._broken is not None or self._closed:
             return MetricExportResult.FAILURE
         row = self._rows.build(metrics_data)
         with self._lock:
@@ -210,8 +211,7 @@ class WandbMetricExporter(MetricExporter):
         """`run.finish()`, bounded: a hanging W&B cannot hold the process at exit."""
         with self._lock:
             run, self._run = self._run, None
-            if self._broken is None:
-                self._broken = "shut down"
+            self._closed = True
         if run is None:
             return
         budget = min(self.finish_timeout_seconds, max(timeout_millis / 1000, 0.05))
@@ -228,9 +228,8 @@ class WandbMetricExporter(MetricExporter):
 
             options["settings"] = wandb.Settings(init_timeout=self.init_timeout_seconds)
             # A little more than W&B's own timeout: our bound only matters if init hangs anyway.
-            run = _call_bounded(
-                lambda: wandb.init(**options), self.init_timeout_seconds + 5.0, "init"
-            )
+            bound = self.init_timeout_seconds + min(5.0, max(1.0, self.init_timeout_seconds))
+            run = _call_bounded(lambda: wandb.init(**options), bound, "init")
             self._define_metrics(run)
         except Exception as error:
             self._broken = repr(error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def iter_records(path: Path) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2
 
     for payload in iter_payloads(path):
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
         record.ParseFromString(payload)
         yield record
 
@@ -132,3 +133,23 @@ def find_run_file(wandb_dir: Path) -> Path:
     if len(files) != 1:
         raise WandbFileError(f"expected one .wandb file under {wandb_dir}, found {files}")
     return files[0]
+
+
+def read_finished_run(path: Path, *, timeout_seconds: float = 30.0) -> WandbRun:
+    """`read_run` once wandb's writer process has written the run's `exit` record.
+
+    `run.finish()` returns when wandb-core has the data; on a loaded machine the file's tail
+    can land a moment later, so wait for the condition (with a deadline), not for a time.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            run = read_run(path)
+            if "exit" in run.kinds:
+                return run
+            problem = f"{path}: no exit record yet (kinds so far: {sorted(set(run.kinds))})"
+        except (WandbFileError, struct.error) as error:  # a tail still being written
+            problem = str(error)
+        if time.monotonic() > deadline:
+            raise WandbFileError(f"run file never completed within {timeout_seconds} s: {problem}")
+        time.sleep(0.05)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ wandb = pytest.importorskip("wandb")
 
 import otel_train  # noqa: E402
 from exporters.wandb import RUN_ID_FILE, WandbMetricExporter  # noqa: E402
-from tests.wandb_records import WandbRun, find_run_file, read_run  # noqa: E402
+from tests.wandb_records import WandbRun, find_run_file, read_finished_run  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +124,7 @@ def user_keys(row: dict[str, Any]) -> set[str]:
 
 
 def read_only_run(wandb_dir: Path) -> WandbRun:
-    return read_run(find_run_file(wandb_dir))
+    return read_finished_run(find_run_file(wandb_dir))
 
 
 def test_offline_run_file_holds_sampled_rows_on_one_step_axis(
@@ -219,7 +220,7 @@ def test_resumed_run_continues_the_same_wandb_run_and_axis(tmp_path: Path, wandb
     train(tmp_path, exporters=("wandb",), steps=50, eval_every=1000, start_step=50)
     files = sorted(p for p in wandb_env.rglob("run-*.wandb") if "latest-run" not in p.parts)
     assert len(files) == 2
-    first, second = (read_run(path) for path in files)
+    first, second = (read_finished_run(path) for path in files)
     assert first.run_id == second.run_id == run_id
     assert first.history_steps == [10, 20, 30, 40, 50]
     assert second.history_steps == [60, 70, 80, 90, 100]
@@ -287,13 +288,49 @@ def test_hanging_wandb_init_neither_blocks_training_nor_holds_shutdown(
         raise TimeoutError("injected hang released")
 
     monkeypatch.setattr(wandb, "init", hanging_init)
-    exporter = WandbMetricExporter(init_timeout_seconds=30)
+    exporter = WandbMetricExporter(init_timeout_seconds=0.5)
     try:
         steps = _count_rows_with(tmp_path, ("jsonl", exporter))
+        assert steps == control_steps  # jsonl got every row while the W&B thread was stuck
+        # Our own bound around init (0.5 s + 1 s grace) gives up even though init never returns.
+        deadline = time.monotonic() + 30
+        while exporter.failure_reason is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exporter.failure_reason is not None
+        assert "did not return within 1.5 s" in exporter.failure_reason
+        assert exporter.run is None
     finally:
         release.set()
-    assert steps == control_steps  # jsonl got every row while the W&B thread was stuck
-    assert exporter.run is None
+
+
+def test_init_timeout_reaches_wandb_settings(
+    tmp_path: Path, wandb_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Any] = []
+    real_init = wandb.init
+
+    def spying_init(*args: Any, **kwargs: Any) -> Any:  # passes through to the real init
+        seen.append(kwargs.get("settings"))
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", spying_init)
+    exporter = WandbMetricExporter(init_timeout_seconds=42)
+    train(tmp_path, exporters=(exporter,), steps=10, eval_every=1000)
+    assert len(seen) == 1 and seen[0].init_timeout == 42
+    assert read_only_run(wandb_env).history_steps == [10]
+
+
+def test_nonfinite_loss_reaches_wandb_as_nan_not_the_last_good_value(
+    tmp_path: Path, wandb_env: Path
+) -> None:
+    with otel_train.setup(run="nan", output_dir=tmp_path, exporters=("wandb",)) as tel:
+        for step in range(1, 31):
+            tel.training.record(loss=torch.tensor(float("nan") if step == 20 else 1.0 / step))
+            tel.step(step)
+    run = read_only_run(wandb_env)
+    losses = dict(zip(run.history_steps, (row["train/loss"] for row in run.history), strict=True))
+    assert losses[10] == pytest.approx(0.1) and losses[30] == pytest.approx(1 / 30)
+    assert math.isnan(losses[20])
 
 
 def test_reader_reassembles_records_split_across_32k_blocks(wandb_env: Path) -> None:
@@ -304,7 +341,7 @@ def test_reader_reassembles_records_split_across_32k_blocks(wandb_env: Path) -> 
     run.finish()
     path = find_run_file(wandb_env)
     assert path.stat().st_size > 3 * 32768
-    decoded = read_run(path)
+    decoded = read_finished_run(path)
     assert decoded.config["blob"] == blob
     assert decoded.history_steps == list(range(1, 401))
     assert decoded.history[-1]["train/loss"] == pytest.approx(1 / 400)
