@@ -45,21 +45,43 @@ class _TimedOut(Exception):
     pass
 
 
-def _call_bounded(function: Callable[[], _T], timeout_seconds: float, name: str) -> _T:
-    """Run `function` on a daemon helper thread; give up (not kill) after the timeout."""
+def _call_bounded(
+    function: Callable[[], _T],
+    timeout_seconds: float,
+    name: str,
+    *,
+    if_late: Callable[[_T], object] | None = None,
+) -> _T:
+    """Run `function` on a daemon helper thread; give up (not kill) after the timeout.
+
+    `if_late` gets the result should the call return after the caller gave up (e.g. to
+    finish a W&B run that started too late to be used).
+    """
     outcome: dict[str, Any] = {}
+    lock = threading.Lock()
 
     def target() -> None:
         try:
-            outcome["value"] = function()
+            value = function()
         except BaseException as error:  # reported to the caller below
             outcome["error"] = error
+            return
+        with lock:
+            outcome["value"] = value
+            late = outcome.get("abandoned", False)
+        if late and if_late is not None:
+            try:
+                if_late(value)
+            except Exception as error:
+                _logger.debug("otel-train: cleaning up a late wandb %s failed: %r", name, error)
 
     helper = threading.Thread(target=target, name=f"otel-train-wandb-{name}", daemon=True)
     helper.start()
     helper.join(timeout_seconds)
-    if helper.is_alive():
-        raise _TimedOut(f"wandb {name} did not return within {timeout_seconds:g} s")
+    with lock:
+        if "value" not in outcome and "error" not in outcome:
+            outcome["abandoned"] = True
+            raise _TimedOut(f"wandb {name} did not return within {timeout_seconds:g} s")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]  # type: ignore[no-any-return]
@@ -69,7 +91,9 @@ class WandbMetricExporter(MetricExporter):
     """Logs each exported batch as one W&B history row at the run's global step.
 
     Keyword arguments not given are left to wandb (and its `WANDB_*` environment variables).
-    The run name defaults to the otel-train run, `job_type` and a tag to the stage.
+    The run name defaults to the otel-train run, `job_type` and a tag to the stage. The exporter
+    starts its own run (`reinit="create_new"`), never touching one the user started, unless
+    `use_active_run=True`: then it logs into `wandb.run` and leaves finishing it to its owner.
     """
 
     def __init__(
@@ -88,6 +112,7 @@ class WandbMetricExporter(MetricExporter):
         dir: str | os.PathLike[str] | None = None,  # wandb.init's own name
         config: Mapping[str, Any] | None = None,
         rank_zero_only: bool = True,
+        use_active_run: bool = False,
         init_timeout_seconds: float = 60.0,
         finish_timeout_seconds: float = 30.0,
         namer: KeyNamer | None = None,
@@ -114,6 +139,8 @@ class WandbMetricExporter(MetricExporter):
         self._tags = list(tags or ())
         self._config: dict[str, Any] = dict(redact(dict(config))) if config else {}
         self.rank_zero_only = rank_zero_only
+        self.use_active_run = use_active_run
+        self._owns_run = True
         self.init_timeout_seconds = float(init_timeout_seconds)
         self.finish_timeout_seconds = float(finish_timeout_seconds)
         self._rows = RowBuilder(namer)
@@ -209,12 +236,17 @@ class WandbMetricExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """`run.finish()`, bounded: a hanging W&B cannot hold the process at exit."""
-        with self._lock:
-            run, self._run = self._run, None
-            self._closed = True
-        if run is None:
-            return
         budget = min(self.finish_timeout_seconds, max(timeout_millis / 1000, 0.05))
+        self._closed = True  # later exports fail fast, even while an init still hangs
+        if not self._lock.acquire(timeout=budget):
+            _logger.error("otel-train: W&B is still starting at shutdown; not waiting for it")
+            return
+        try:
+            run, self._run = self._run, None
+        finally:
+            self._lock.release()
+        if run is None or not self._owns_run:
+            return
         try:
             _call_bounded(run.finish, budget, "finish")
         except Exception as error:
@@ -226,10 +258,19 @@ class WandbMetricExporter(MetricExporter):
         try:
             import wandb
 
-            options["settings"] = wandb.Settings(init_timeout=self.init_timeout_seconds)
-            # A little more than W&B's own timeout: our bound only matters if init hangs anyway.
-            bound = self.init_timeout_seconds + min(5.0, max(1.0, self.init_timeout_seconds))
-            run = _call_bounded(lambda: wandb.init(**options), bound, "init")
+            if self.use_active_run and wandb.run is not None:
+                run, self._owns_run = wandb.run, False
+                if self._config:
+                    run.config.update(self._config, allow_val_change=True)
+            else:
+                options["settings"] = wandb.Settings(
+                    init_timeout=self.init_timeout_seconds, reinit="create_new"
+                )
+                # A little more than W&B's own timeout: ours only matters if init hangs anyway.
+                bound = self.init_timeout_seconds + min(5.0, max(1.0, self.init_timeout_seconds))
+                run = _call_bounded(
+                    lambda: wandb.init(**options), bound, "init", if_late=lambda r: r.finish()
+                )
             self._define_metrics(run)
         except Exception as error:
             self._broken = repr(error)

@@ -364,3 +364,30 @@ def test_exporter_works_behind_a_plain_otel_reader(tmp_path: Path, wandb_env: Pa
     assert run.history_steps == [1, 2, 3]
     assert [row["train/reward"] for row in run.history] == [1.0, 2.0, 3.0]
     assert [row["train/global_step"] for row in run.history] == [1, 2, 3]
+
+
+def test_use_active_run_logs_into_the_users_run_and_leaves_it_open(
+    tmp_path: Path, wandb_env: Path
+) -> None:
+    user_run = wandb.init(dir=wandb_env, config={"from_user": 1})
+    try:
+        exporter = WandbMetricExporter(use_active_run=True)
+        train(tmp_path, exporters=(exporter,), steps=20, eval_every=1000, config={"lr": 0.05})
+        user_run.log({"user/after": 1.0}, step=25)  # still open: ours did not finish it
+    finally:
+        user_run.finish()
+    run = read_only_run(wandb_env)
+    assert run.history_steps == [10, 20, 25]
+    assert run.config["from_user"] == 1 and run.config["lr"] == 0.05
+    assert run.summary["final/total_steps"] == 20
+
+
+def test_own_run_never_finishes_a_run_the_user_started(tmp_path: Path, wandb_env: Path) -> None:
+    user_run = wandb.init(dir=wandb_env / "user")
+    try:
+        train(tmp_path, exporters=(WandbMetricExporter(dir=wandb_env / "ours"),), steps=10)
+        user_run.log({"user/after": 1.0}, step=1)
+    finally:
+        user_run.finish()
+    assert read_only_run(wandb_env / "user").history_steps == [1]
+    assert read_only_run(wandb_env / "ours").history_steps == [10]
