@@ -34,18 +34,23 @@ def test_named_exporter_runs_on_rank_zero_only_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("OTEL_TRAIN_WANDB_ALL_RANKS", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb's own no-op mode: no files, no network
     assert create_for_run(context(tmp_path, rank=1, world_size=2)) is None
-    assert isinstance(create_for_run(context(tmp_path, rank=0, world_size=2)), WandbMetricExporter)
+    exporter = create_for_run(context(tmp_path, rank=0, world_size=2))
+    assert isinstance(exporter, WandbMetricExporter)
+    exporter.shutdown(timeout_millis=5_000)
 
 
 def test_all_ranks_mode_names_each_rank_and_groups_them_by_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OTEL_TRAIN_WANDB_ALL_RANKS", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     exporter = create_for_run(context(tmp_path, rank=1, world_size=2))
     assert exporter is not None
     options = exporter.init_options()
     assert options["name"] == "gpt-sft-rank1" and options["group"] == "gpt-sft"
+    exporter.shutdown(timeout_millis=5_000)
 
 
 def test_exporter_object_on_a_non_zero_rank_exports_nothing(tmp_path: Path) -> None:
@@ -68,7 +73,7 @@ def test_init_options_pass_through_and_stage_becomes_job_type_and_tag(tmp_path: 
         dir=tmp_path / "w",
         config={"extra_secret": "x", "warmup": 10},
     )
-    exporter.bind_run_context(context(tmp_path, config={"lr": 0.1, "api_key": "***REDACTED***"}))
+    exporter._adopt_context(context(tmp_path, config={"lr": 0.1, "api_key": "***REDACTED***"}))
     options = exporter.init_options()
     assert options["project"] == "p" and options["entity"] == "team"
     assert options["group"] == "ablation-7" and options["mode"] == "offline"
@@ -89,11 +94,11 @@ def test_resumed_run_reuses_the_remembered_wandb_run_id(tmp_path: Path) -> None:
     run_dir.mkdir()
     (run_dir / RUN_ID_FILE).write_text("abc123\n")
     exporter = WandbMetricExporter()
-    exporter.bind_run_context(context(tmp_path, resume=True))
+    exporter._adopt_context(context(tmp_path, resume=True))
     options = exporter.init_options()
     assert options["id"] == "abc123" and options["resume"] == "allow"
     explicit = WandbMetricExporter(id="mine", resume="must")
-    explicit.bind_run_context(context(tmp_path, resume=True))
+    explicit._adopt_context(context(tmp_path, resume=True))
     assert explicit.init_options()["id"] == "mine"
     assert explicit.init_options()["resume"] == "must"
 
