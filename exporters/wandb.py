@@ -1,7 +1,7 @@
 """Weights & Biases: one history row per export on the run's global step, `final/*` to summary.
 
-A real OTel `MetricExporter`. `wandb` is imported and `wandb.init` called lazily, on the export
-thread, with a bounded timeout; a failing W&B is logged once and costs training nothing.
+A real OTel `MetricExporter`. `wandb` is imported and `wandb.init` called on a helper thread
+(never the training thread), bounded; a failing W&B is logged once and costs training nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
+from exporters._bounded_call import BoundedCall
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 from otel_train.redaction import redact
@@ -35,67 +36,6 @@ MAX_SUMMARY_INSTRUMENTS = (
     "perf.mfu", "perf.tokens_per_second", "perf.samples_per_second", "perf.steps_per_second",
     "perf.flops_per_second",
 )  # fmt: skip
-
-
-class WandbUnavailableError(OtelTrainError):
-    """W&B could not be started (init failed or timed out); the exporter has switched off."""
-
-
-class _TimedOut(Exception):
-    pass
-
-
-class _BoundedCall:
-    """`function` running on its own daemon thread; the caller waits for it with a timeout.
-
-    A call the caller gave up on is not killed; should it return later, `if_late` gets the
-    result (e.g. to finish a W&B run that started too late to be used).
-    """
-
-    def __init__(
-        self,
-        function: Callable[[], Any],
-        name: str,
-        *,
-        if_late: Callable[[Any], object] | None = None,
-    ) -> None:
-        self.name = name
-        self.started = time.monotonic()
-        self._function = function
-        self._if_late = if_late
-        self._lock = threading.Lock()
-        self._outcome: dict[str, Any] = {}
-        self._thread = threading.Thread(
-            target=self._target, name=f"otel-train-wandb-{name}", daemon=True
-        )
-        self._thread.start()
-
-    def _target(self) -> None:
-        try:
-            value = self._function()
-        except BaseException as error:  # handed to whoever waits in result()
-            with self._lock:
-                self._outcome["error"] = error
-            return
-        with self._lock:
-            self._outcome["value"] = value
-            late = self._outcome.get("abandoned", False)
-        if late and self._if_late is not None:
-            try:
-                self._if_late(value)
-            except Exception as error:
-                _logger.debug("otel-train: cleaning up a late wandb %s: %r", self.name, error)
-
-    def result(self, bound_seconds: float) -> Any:
-        """The return value, waiting until `bound_seconds` after the call started at most."""
-        self._thread.join(max(0.0, self.started + bound_seconds - time.monotonic()))
-        with self._lock:
-            if "error" in self._outcome:
-                raise self._outcome["error"]
-            if "value" in self._outcome:
-                return self._outcome["value"]
-            self._outcome["abandoned"] = True
-        raise _TimedOut(f"wandb {self.name} did not return within {bound_seconds:g} s")
 
 
 class WandbMetricExporter(MetricExporter):
@@ -162,7 +102,7 @@ class WandbMetricExporter(MetricExporter):
         self._run: Any = None
         self._broken: str | None = None
         self._closed = False
-        self._starting: _BoundedCall | None = None
+        self._starting: BoundedCall | None = None
         self._last_step: int | None = None
         self._exports_without_step = 0
         self._warned_log_failure = False
@@ -275,7 +215,7 @@ class WandbMetricExporter(MetricExporter):
         if run is None or not self._owns_run:
             return
         try:
-            _BoundedCall(run.finish, "finish").result(budget)
+            BoundedCall(run.finish, "finish").result(budget)
         except Exception as error:
             _logger.error("otel-train: wandb finish failed or timed out (%r)", error)
 
@@ -286,7 +226,7 @@ class WandbMetricExporter(MetricExporter):
         export; the export thread then waits for it, bounded, and training never does."""
         with self._lock:
             if self._starting is None:
-                self._starting = _BoundedCall(self._open_run, "init", if_late=self._finish_late)
+                self._starting = BoundedCall(self._open_run, "init", if_late=self._finish_late)
 
     def _open_run(self) -> Any:
         import wandb
@@ -312,7 +252,7 @@ class WandbMetricExporter(MetricExporter):
     def _start(self) -> Any:
         """On the export thread: wait (bounded) for the run the helper thread is opening."""
         if self._starting is None:
-            self._starting = _BoundedCall(self._open_run, "init", if_late=self._finish_late)
+            self._starting = BoundedCall(self._open_run, "init", if_late=self._finish_late)
         # A little more than W&B's own timeout: ours only matters if init hangs anyway.
         bound = self.init_timeout_seconds + min(5.0, max(1.0, self.init_timeout_seconds))
         try:
