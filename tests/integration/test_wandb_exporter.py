@@ -391,3 +391,21 @@ def test_own_run_never_finishes_a_run_the_user_started(tmp_path: Path, wandb_env
         user_run.finish()
     assert read_only_run(wandb_env / "user").history_steps == [1]
     assert read_only_run(wandb_env / "ours").history_steps == [10]
+
+
+def test_rollback_with_resume_from_keeps_the_wandb_axis_monotonic(
+    tmp_path: Path, wandb_env: Path
+) -> None:
+    exporter = WandbMetricExporter()
+    with otel_train.setup(run="rb", output_dir=tmp_path, exporters=(exporter,)) as tel:
+        for step in range(1, 31):
+            tel.training.record(loss=1.0)
+            tel.step(step)
+        tel.resume_from(15)  # restored an older checkpoint in the same process
+        for step in range(16, 41):
+            tel.training.record(loss=2.0)
+            tel.step(step)
+    run = read_only_run(wandb_env)
+    assert run.history_steps == [10, 20, 30, 40]
+    assert exporter.dropped_backwards == 1  # step 20 again, behind 30: counted, not logged
+    assert run.history[-1]["train/loss"] == 2.0
