@@ -88,7 +88,7 @@ class WandbMetricExporter(MetricExporter):
             "dir": os.fspath(dir) if dir is not None else None,
         }
         self._tags = list(tags or ())
-        self._config: dict[str, Any] = dict(redact(dict(config))) if config else {}
+        self._config: dict[str, Any] = _as_config(config)
         self.rank_zero_only = rank_zero_only
         self.use_active_run = use_active_run
         self._owns_run = True
@@ -124,7 +124,7 @@ class WandbMetricExporter(MetricExporter):
         self._namer = context.namer
         self._rows = RowBuilder(context.namer)
         self._active = context.is_main_rank or not self.rank_zero_only
-        merged = dict(redact(dict(context.config))) if context.config else {}
+        merged = _as_config(context.config)
         merged.update(self._config)
         self._config = merged
 
@@ -339,6 +339,14 @@ class WandbMetricExporter(MetricExporter):
             path.write_text(run_id + "\n")
         except OSError as error:
             _logger.warning("otel-train: cannot remember the W&B run id in %s (%s)", path, error)
+
+
+def _as_config(config: Any) -> dict[str, Any]:
+    """wandb.config takes a mapping; anything else (a list, a string) is kept under "config"."""
+    if not config:
+        return {}
+    redacted = redact(config)
+    return dict(redacted) if isinstance(redacted, Mapping) else {"config": redacted}
 
 
 def _all_ranks_from_env() -> bool:
