@@ -194,6 +194,10 @@ def setup(
         StepFlopCounter(telemetry, model, every_n_steps=every)
     if handle_signals:
         install_signal_flush(_flush_live_on_signal, timeout_millis=shutdown_timeout_millis)
+    for pull_reader in pull_readers:
+        attach = getattr(pull_reader, "attach_nonfinite_board", None)
+        if callable(attach):
+            attach(reader.nonfinite)  # so a scrape shows NaN, not the last finite value
     if install_global:
         otel_metrics.set_meter_provider(provider)
     _live.add(telemetry)

@@ -11,47 +11,40 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
-    Gauge,
-    Metric,
     MetricExporter,
     MetricReader,
     MetricsData,
-    NumberDataPoint,
     ResourceMetrics,
     ScopeMetrics,
 )
 
 from otel_train.background import BackgroundExporter
+from otel_train.nonfinite import NonFiniteBoard, with_nonfinite
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT
 from otel_train.sampling import GroupIndex
 
 _logger = logging.getLogger("otel_train.reader")
 
 
-@dataclass(frozen=True, slots=True)
-class NonFiniteValue:
-    """A NaN/inf the SDK would drop (keeping the previous value): we carry it ourselves."""
-
-    instrument_name: str
-    description: str
-    unit: str
-    value: float
-
-
 class StepSampledReader(MetricReader):
     """Collects on sampled steps and forwards only the due groups' metrics, off-thread."""
 
-    def __init__(self, group_index: GroupIndex, *, max_queue_batches: int = 1024) -> None:
+    def __init__(
+        self,
+        group_index: GroupIndex,
+        *,
+        max_queue_batches: int = 1024,
+        nonfinite: NonFiniteBoard | None = None,
+    ) -> None:
         super().__init__()
+        self.nonfinite = nonfinite or NonFiniteBoard()
         self._groups = group_index
         self._max_queue_batches = max_queue_batches
         self._exporters: list[BackgroundExporter] = []
         self._due: frozenset[str] = frozenset()
-        self._nonfinite: list[NonFiniteValue] = []
         self._collecting_thread: int | None = None
         self._collect_lock = threading.Lock()
         self._shut_down = False
@@ -87,15 +80,12 @@ class StepSampledReader(MetricReader):
         return run_when_due
 
     # -- the step-driven export -----------------------------------------------------------
-    def export_groups(
-        self, groups: frozenset[str], nonfinite: Iterable[NonFiniteValue] = ()
-    ) -> None:
+    def export_groups(self, groups: frozenset[str]) -> None:
         """Collect now and queue the metrics of `groups` for every exporter. Never raises."""
         if self._shut_down or not groups:
             return
         with self._collect_lock:
             self._due = groups
-            self._nonfinite = list(nonfinite)
             self._collecting_thread = threading.get_ident()
             try:
                 self.collect(timeout_millis=10_000)
@@ -106,7 +96,6 @@ class StepSampledReader(MetricReader):
             finally:
                 self._collecting_thread = None
                 self._due = frozenset()
-                self._nonfinite = []
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
@@ -122,43 +111,30 @@ class StepSampledReader(MetricReader):
     def _select_due(self, metrics_data: MetricsData) -> MetricsData | None:
         due = self._due
         group_of = self._groups.group_of
-        replacements = {v.instrument_name: v for v in self._nonfinite}
         resource_metrics = []
         has_payload = False
         for resource in metrics_data.resource_metrics:
             scopes = []
             for scope in resource.scope_metrics:
-                kept = []
-                for metric in scope.metrics:
-                    name = metric.name
-                    if name == GLOBAL_STEP_INSTRUMENT:
-                        kept.append(metric)
-                    elif group_of(name) in due:
-                        replacement = replacements.pop(name, None)
-                        kept.append(_with_value(metric, replacement) if replacement else metric)
-                        has_payload = True
+                kept = [
+                    metric
+                    for metric in scope.metrics
+                    if metric.name == GLOBAL_STEP_INSTRUMENT or group_of(metric.name) in due
+                ]
+                has_payload = has_payload or any(
+                    metric.name != GLOBAL_STEP_INSTRUMENT for metric in kept
+                )
                 if kept:
                     scopes.append(ScopeMetrics(scope.scope, kept, scope.schema_url))
-            if replacements and resource is metrics_data.resource_metrics[0] and scopes:
-                # Non-finite values of instruments that never held a finite one.
-                extra = [
-                    _new_gauge(v)
-                    for v in replacements.values()
-                    if group_of(v.instrument_name) in due
-                ]
-                if extra:
-                    first = scopes[0]
-                    scopes[0] = ScopeMetrics(
-                        first.scope, [*first.metrics, *extra], first.schema_url
-                    )
-                    has_payload = True
             if scopes:
                 resource_metrics.append(
                     ResourceMetrics(resource.resource, scopes, resource.schema_url)
                 )
-        if not has_payload:
+        overrides = self.nonfinite.snapshot()
+        due_overrides = {n: v for n, v in overrides.items() if group_of(n) in due}
+        if not has_payload and not due_overrides:
             return None
-        return MetricsData(resource_metrics)
+        return with_nonfinite(MetricsData(resource_metrics), due_overrides)
 
     # -- lifecycle ------------------------------------------------------------------------
     def wait_idle(self, timeout_millis: float = 10_000) -> bool:
@@ -191,30 +167,3 @@ class StepSampledReader(MetricReader):
             closer.start()
         for closer in closers:
             closer.join(max(0.0, deadline - time.monotonic()) + 0.1)
-
-
-def _with_value(metric: Metric, replacement: NonFiniteValue) -> Metric:
-    points = list(metric.data.data_points)
-    if not points or not isinstance(metric.data, Gauge):
-        return metric
-    last = points[-1]
-    if not isinstance(last, NumberDataPoint):
-        return metric
-    points[-1] = NumberDataPoint(
-        attributes=last.attributes,
-        start_time_unix_nano=last.start_time_unix_nano,
-        time_unix_nano=time.time_ns(),
-        value=replacement.value,
-        exemplars=last.exemplars,
-    )
-    return Metric(metric.name, metric.description, metric.unit, Gauge(points))  # type: ignore[arg-type]
-
-
-def _new_gauge(value: NonFiniteValue) -> Metric:
-    point = NumberDataPoint(
-        attributes={},
-        start_time_unix_nano=0,
-        time_unix_nano=time.time_ns(),
-        value=value.value,
-    )
-    return Metric(value.instrument_name, value.description, value.unit, Gauge([point]))

@@ -20,8 +20,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.instruments import TrainingInstruments
+from otel_train.nonfinite import NonFiniteValue
 from otel_train.rates import RateTracker, ThroughputSettings
-from otel_train.reader import NonFiniteValue, StepSampledReader
+from otel_train.reader import StepSampledReader
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
@@ -237,9 +238,8 @@ class Telemetry:
     def _export_groups(
         self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
     ) -> None:
-        nonfinite: list[NonFiniteValue] = []
         if due & _STAGED_GROUPS:
-            nonfinite = self._resolve_and_record(across_ranks=across_ranks)
+            self._resolve_and_record(across_ranks=across_ranks)
         self.training.global_step.set(step)
         if "perf" in due:
             self._flush_step_durations()
@@ -249,9 +249,9 @@ class Telemetry:
             for name, value in rates.items():
                 self._gauge(name).set(value)
         self._last_exported_step = step
-        self.reader.export_groups(due, nonfinite)
+        self.reader.export_groups(due)
 
-    def _resolve_and_record(self, *, across_ranks: bool = False) -> list[NonFiniteValue]:
+    def _resolve_and_record(self, *, across_ranks: bool = False) -> None:
         training = self.training
         resolved: Resolved = resolve(
             training.staged_gauges, (training.staged_tokens, training.staged_samples)
@@ -260,7 +260,6 @@ class Telemetry:
         # event, where a peer may already be gone and a collective would hang.
         if across_ranks and self._reducer is not None:
             resolved = self._reducer.reduce(resolved)
-        nonfinite: list[NonFiniteValue] = []
         gauges = resolved.gauges
         if "train.loss" in gauges:
             gauges["train.perplexity"] = safe_exp(gauges["train.loss"])
@@ -268,11 +267,7 @@ class Telemetry:
                 self._last_loss = gauges["train.loss"]
                 self._epoch_loss_sum += gauges["train.loss"]
                 self._epoch_loss_count += 1
-        for name, value in gauges.items():
-            if math.isfinite(value):
-                self._gauge(name).set(value)
-            else:
-                nonfinite.append(self._nonfinite_value(name, value))
+        nonfinite = self._set_gauges(gauges)
         for name, increment in resolved.counter_increments.items():
             if not math.isfinite(increment) or increment < 0:
                 self._warn_bad_increment(name, increment)
@@ -284,8 +279,7 @@ class Telemetry:
             else:
                 self._samples_total += increment
         if nonfinite:
-            training.nonfinite.add(len(nonfinite))
-        return nonfinite
+            training.nonfinite.add(nonfinite)
 
     def _flush_step_durations(self) -> None:
         durations, self._step_durations = self._step_durations, []
@@ -294,14 +288,24 @@ class Telemetry:
             record(duration)
 
     def _export_event(self, group: str, values: Mapping[str, float]) -> None:
-        nonfinite = []
+        self._set_gauges(values)
+        self.training.global_step.set(self._last_step)
+        self.reader.export_groups(frozenset({group}))
+
+    def _set_gauges(self, values: Mapping[str, float]) -> int:
+        """Finite values go to the SDK; non-finite ones to the board every reader patches
+        from (the SDK would drop them and keep showing the previous value). Returns how
+        many were non-finite."""
+        board = self.reader.nonfinite
+        nonfinite = 0
         for name, value in values.items():
             if math.isfinite(value):
                 self._gauge(name).set(value)
+                board.clear(name)
             else:
-                nonfinite.append(self._nonfinite_value(name, value))
-        self.training.global_step.set(self._last_step)
-        self.reader.export_groups(frozenset({group}), nonfinite)
+                board.mark(self._nonfinite_value(name, value))
+                nonfinite += 1
+        return nonfinite
 
     def _final_values(self) -> dict[str, float]:
         values = {

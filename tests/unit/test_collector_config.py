@@ -1,4 +1,4 @@
-"""dashboards/otel-collector.yaml: structurally sound, and it receives what we send.
+"""dashboards/otel-collector/config.yaml: structurally sound, and it receives what we send.
 
 No collector binary exists in the package registries CI can use, so this checks the config's
 wiring, not a running collector; the OTLP tests use a real protobuf-decoding receiver instead.
@@ -12,7 +12,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-CONFIG = Path(__file__).resolve().parents[2] / "dashboards" / "otel-collector.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "dashboards" / "otel-collector" / "config.yaml"
 
 
 def test_collector_pipeline_receives_otlp_http_and_only_uses_defined_components():
