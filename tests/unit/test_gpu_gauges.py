@@ -110,3 +110,38 @@ def test_without_nvml_the_gpu_gauges_are_absent_and_training_goes_on(telemetry_f
     keys = {key for row in capture.rows for key in row.values}
     assert "train/loss" in keys
     assert not any(key.startswith(("gpu/", "hw/")) for key in keys)
+
+
+def test_a_prometheus_scrape_reads_the_gpu_gauges_and_promtool_accepts_them(telemetry_factory):
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    import shutil
+    import subprocess
+    import urllib.request
+
+    from exporters.prometheus import PrometheusExporter
+
+    reader = PrometheusExporter(port=0)
+    nvml = FakeNvml([FakeDevice(), FakeDevice(temperature_c=70)])
+    tel = telemetry_factory(exporters=[reader], gpu_metrics=False)
+    register_gpu_metrics(tel, nvml=nvml, cuda=FakeCuda(allocated=GIB, reserved=2 * GIB, peak=GIB))
+    assert reader.url is not None
+    # A scrape between sampled steps still reads NVML (pull readers are never gated).
+    with urllib.request.urlopen(reader.url, timeout=10) as response:
+        exposition = response.read().decode()
+    series = {line.split("{")[0] for line in exposition.splitlines() if not line.startswith("#")}
+    assert {
+        "hw_gpu_utilization",
+        "hw_gpu_memory_usage_bytes",
+        "hw_gpu_memory_limit_bytes",
+        "gpu_memory_allocated_bytes",
+    } <= series
+    assert 'hw_id="1"' in exposition and nvml.calls > 0
+    if shutil.which("promtool"):
+        check = subprocess.run(
+            ["promtool", "check", "metrics"],
+            input=exposition,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
