@@ -12,6 +12,7 @@ from otel_train.rows import MetricRow, RowBuilder
 from otel_train.run_context import RunContext
 from otel_train.sampling import SamplingView
 from otel_train.telemetry import Telemetry
+from otel_train.throughput import effective_batch_size, flops_per_token, mfu, peak_flops
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,9 @@ __all__ = [
     "TrainingInstruments",
     "UnknownMetricError",
     "__version__",
+    "effective_batch_size",
+    "flops_per_token",
+    "mfu",
+    "peak_flops",
     "setup",
 ]

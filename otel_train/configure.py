@@ -25,10 +25,11 @@ from opentelemetry.sdk.resources import Resource
 
 from otel_train.errors import OtelTrainError
 from otel_train.exporter_loading import check_exporter_names, create_named_exporter
+from otel_train.flop_counter import StepFlopCounter
+from otel_train.gpu import register_gpu_metrics
 from otel_train.instruments import STEP_TIME_BUCKETS_SECONDS
 from otel_train.naming import KeyNamer, KeySpec
 from otel_train.ranks import RankInfo, detect_ranks
-from otel_train.rates import ThroughputSettings
 from otel_train.reader import StepSampledReader
 from otel_train.redaction import redact
 from otel_train.reduction import CrossRankReducer
@@ -36,6 +37,7 @@ from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex, SamplingView, resolve_views
 from otel_train.signals import install_signal_flush
 from otel_train.telemetry import Telemetry
+from otel_train.throughput import resolve_throughput_settings
 
 _logger = logging.getLogger("otel_train.setup")
 
@@ -61,7 +63,17 @@ def setup(
     total_steps: int | None = None,
     config: Any = None,
     flops_per_token: float | None = None,
-    peak_flops: float | None = None,
+    peak_flops: float | str | None = None,
+    model: Any = None,
+    seq_len: int | None = None,
+    deepspeed_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    world_size: int | None = None,
+    dtype: Any = None,
+    measure_flops: bool | int = False,
+    gpu_metrics: bool = True,
     key_overrides: Mapping[str, str | KeySpec | tuple[KeySpec, ...]] | None = None,
     key_preset: str = "default",
     resume: bool = False,
@@ -83,6 +95,11 @@ def setup(
     `reduce_across_ranks=True`: at sampled steps one all_reduce (torch.distributed, when
     initialised) makes rank 0 export global values; every rank must then call `step()` with
     the same step numbers. `handle_signals`: flush on SIGTERM / SIGINT (main thread only).
+
+    MFU: `model=` + `seq_len=` give FLOPs per token (or `flops_per_token=`); `peak_flops=`
+    (FLOP/s of this rank's devices, or a device name) or `dtype=` gives the peak;
+    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch.
+    `measure_flops=True` counts one step's FLOPs with torch (an int N: every N steps, costly).
     """
     env = os.environ
     run_name = run or env.get("OTEL_TRAIN_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
@@ -132,6 +149,21 @@ def setup(
             )
     for name, exporter in push_exporters:
         reader.add_exporter(exporter, name=name)
+    throughput = resolve_throughput_settings(
+        total_steps=total_steps,
+        flops_per_token_value=flops_per_token,
+        peak_flops_value=peak_flops,
+        model=model,
+        seq_len=seq_len,
+        deepspeed_config=deepspeed_config,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        world_size=world_size if world_size is not None else rank_info.world_size,
+        dtype=dtype,
+    )
+    if measure_flops and model is None:
+        raise OtelTrainError("measure_flops=True needs model= (the module whose step is counted)")
     provider = MeterProvider(
         metric_readers=[reader, *pull_readers],
         resource=_resource(context),
@@ -146,9 +178,7 @@ def setup(
         reader=reader,
         groups=groups,
         context=context,
-        throughput=ThroughputSettings(
-            total_steps=total_steps, flops_per_token=flops_per_token, peak_flops=peak_flops
-        ),
+        throughput=throughput,
         clock=clock or time.perf_counter,
         shutdown_timeout_millis=shutdown_timeout_millis,
         resume_step=resume_step,
@@ -156,6 +186,12 @@ def setup(
         if reduce_across_ranks
         else None,
     )
+    if gpu_metrics:
+        register_gpu_metrics(telemetry)
+    if measure_flops:
+        every = None if measure_flops is True else int(measure_flops)
+        # Kept alive by the model's hook and the gauge's callback; nothing else holds it.
+        StepFlopCounter(telemetry, model, every_n_steps=every)
     if handle_signals:
         install_signal_flush(_flush_live_on_signal, timeout_millis=shutdown_timeout_millis)
     for pull_reader in pull_readers:

@@ -18,6 +18,10 @@ class ThroughputSettings:
     total_steps: int | None = None
     flops_per_token: float | None = None
     peak_flops: float | None = None  # FLOP/s of all devices this rank drives, dense
+    # From the effective batch (setup(deepspeed_config=/batch_size=, seq_len=)): this rank's
+    # samples per optimizer step, used when the loop records no samples / tokens itself.
+    samples_per_step: float | None = None
+    tokens_per_sample: float | None = None
 
 
 class RateTracker:
@@ -40,12 +44,17 @@ class RateTracker:
         steps = step - self._last_step
         if elapsed <= 0 or steps <= 0:
             return {}
+        settings = self.settings
+        new_tokens, new_samples = tokens - self._last_tokens, samples - self._last_samples
+        if settings.samples_per_step and new_samples == 0:
+            new_samples = steps * settings.samples_per_step
+        if settings.samples_per_step and settings.tokens_per_sample and new_tokens == 0:
+            new_tokens = new_samples * settings.tokens_per_sample
         rates = {
-            "perf.tokens_per_second": (tokens - self._last_tokens) / elapsed,
-            "perf.samples_per_second": (samples - self._last_samples) / elapsed,
+            "perf.tokens_per_second": new_tokens / elapsed,
+            "perf.samples_per_second": new_samples / elapsed,
             "perf.steps_per_second": steps / elapsed,
         }
-        settings = self.settings
         if settings.total_steps is not None:
             remaining = max(0, settings.total_steps - step)
             rates["perf.eta"] = remaining / rates["perf.steps_per_second"]

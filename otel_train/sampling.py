@@ -20,7 +20,7 @@ DEFAULT_INTERVALS: Mapping[str, int] = {"train": 10, "perf": 20, "gpu": 50}
 GROUP_PATTERNS: Mapping[str, tuple[str, ...]] = {
     "train": ("train.*",),
     "perf": ("perf.*",),
-    "gpu": ("gpu.*", "hw.gpu.*"),
+    "gpu": ("gpu.*", "hw.*"),  # hw.*: OTel hardware semconv (hw.gpu.*, hw.power)
     "health": ("otel_train.*",),
 }
 EVENT_GROUPS: tuple[str, ...] = ("eval", "epoch", "final")

@@ -15,42 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-from opentelemetry.metrics import Observation
 
 import otel_train
+from otel_train.gpu import register_gpu_metrics
+from tests.fakes.fake_pynvml import FakeNvml
 
 TOKENS_PER_STEP = 16 * 8  # batch 16 x sequence 8
 INTERVAL = 5
 MAX_STEPS = 20_000
-
-
-class FakeGpuProbe:
-    """No GPU exists on CI machines: stands in for NVML with the OTel semantic-convention
-    instruments (`hw.gpu.memory.usage` in bytes, `hw.gpu.utilization` as a 0..1 ratio), so the
-    dashboard's GPU panels are exercised end to end. Named as a fake; values are synthetic."""
-
-    def __init__(self, tel: otel_train.Telemetry, model: torch.nn.Module) -> None:
-        self._bytes = float(sum(p.numel() * p.element_size() for p in model.parameters()))
-        meter = tel.meter
-        sampled = tel.reader.sampled_callback
-        meter.create_observable_gauge(
-            "hw.gpu.memory.usage",
-            callbacks=[sampled("gpu", self._memory)],
-            unit="By",
-            description="GPU memory in use",
-        )
-        meter.create_observable_gauge(
-            "hw.gpu.utilization",
-            callbacks=[sampled("gpu", self._utilization)],
-            unit="1",
-            description="GPU utilisation (0..1)",
-        )
-
-    def _memory(self, options: object) -> list[Observation]:
-        return [Observation(self._bytes, {"hw.id": "fake-gpu-0"})]
-
-    def _utilization(self, options: object) -> list[Observation]:
-        return [Observation(0.5, {"hw.id": "fake-gpu-0"})]
 
 
 def main() -> None:
@@ -73,8 +45,9 @@ def main() -> None:
         total_steps=MAX_STEPS,
         flops_per_token=6.0 * params,
         peak_flops=1e9,
+        gpu_metrics=False,  # no GPU here: the real GPU gauges are fed by a faithful fake NVML
     ) as tel:
-        FakeGpuProbe(tel, model)
+        register_gpu_metrics(tel, nvml=FakeNvml(), use_nvml=True)
         step = 0
         stopping = False
         while step < MAX_STEPS:

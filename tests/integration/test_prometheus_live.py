@@ -221,10 +221,15 @@ def test_two_ranks_scraped_and_every_dashboard_query_answers(
     # The variables' label_values() queries see this run, its stage and both ranks.
     runs = prometheus.get("/api/v1/label/run/values", **{"match[]": "train_global_step"})
     assert RUN in runs
-    ranks = prometheus.get(
-        "/api/v1/label/rank/values", **{"match[]": f"train_global_step{{{run_selector}}}"}
-    )
-    assert sorted(ranks) == ["0", "1"]
+
+    # A rank under load may reach its first sampled step a scrape later than the other.
+    def both_ranks_sampled() -> list[str] | None:
+        ranks = prometheus.get(
+            "/api/v1/label/rank/values", **{"match[]": f"train_global_step{{{run_selector}}}"}
+        )
+        return sorted(ranks) if sorted(ranks) == ["0", "1"] else None
+
+    assert _wait_for(both_ranks_sampled, 30, "both ranks' sampled steps") == ["0", "1"]
 
     # Loss carries run / stage / rank labels as plain PromQL labels.
     loss = prometheus.query(f"train_loss{{{run_selector}}}")

@@ -1,0 +1,165 @@
+"""GPU metrics as OTel observable instruments, read only when collected (never on the hot path).
+
+NVML (`nvidia-ml-py`) per device, named after the OTel hardware semantic conventions where
+they name the thing (`hw.gpu.utilization`, `hw.gpu.memory.usage` / `.limit` /
+`.utilization`, `hw.power` with `hw.type=gpu`), `gpu.*` where they do not (temperature, SM
+clock, torch's caching allocator). Every point carries `hw.id` = the device index. The
+callbacks go through `reader.sampled_callback("gpu", ...)`: NVML is queried on GPU-sampled
+steps and on pull scrapes only. No NVML / no CUDA: the instruments are simply not created.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+if TYPE_CHECKING:
+    from otel_train.telemetry import Telemetry
+
+_logger = logging.getLogger("otel_train.gpu")
+
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+# (instrument name, kind, unit, description): kind "gauge" or "updown" (semconv's type).
+NVML_INSTRUMENTS: tuple[tuple[str, str, str, str], ...] = (
+    ("hw.gpu.utilization", "gauge", "1", "Fraction of time the GPU was busy (NVML)"),
+    ("hw.gpu.memory.usage", "updown", "By", "GPU memory used, all processes (NVML)"),
+    ("hw.gpu.memory.limit", "updown", "By", "GPU memory size (NVML)"),
+    ("hw.gpu.memory.utilization", "gauge", "1", "Fraction of GPU memory used (NVML)"),
+    ("hw.power", "gauge", "W", "GPU power draw (NVML)"),
+    ("gpu.temperature", "gauge", "Cel", "GPU die temperature (NVML)"),
+    ("gpu.clock.sm", "gauge", "Hz", "GPU SM clock (NVML)"),
+)
+TORCH_INSTRUMENTS: tuple[tuple[str, str, str], ...] = (
+    ("gpu.memory.allocated", "By", "Memory held by tensors (torch caching allocator)"),
+    ("gpu.memory.reserved", "By", "Memory reserved by torch's caching allocator"),
+    ("gpu.memory.peak_allocated", "By", "Peak memory held by tensors since start or reset"),
+)
+
+
+class NvmlReader:
+    """One NVML handle per device; each read returns {instrument name: value} for one device."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+        nvml.nvmlInit()
+        self.handles = [
+            nvml.nvmlDeviceGetHandleByIndex(index) for index in range(nvml.nvmlDeviceGetCount())
+        ]
+        self._unsupported: set[tuple[int, str]] = set()
+
+    def read(self, index: int, name: str) -> float | None:
+        if (index, name) in self._unsupported:
+            return None
+        nvml, handle = self._nvml, self.handles[index]
+        try:
+            if name == "hw.gpu.utilization":
+                return nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+            if name.startswith("hw.gpu.memory."):
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                if name.endswith("usage"):
+                    return float(memory.used)
+                if name.endswith("limit"):
+                    return float(memory.total)
+                return memory.used / memory.total if memory.total else None
+            if name == "hw.power":
+                return nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0  # mW -> W
+            if name == "gpu.temperature":
+                return float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+            if name == "gpu.clock.sm":
+                return nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM) * 1e6  # MHz
+        except nvml.NVMLError as error:
+            # Not supported on this board (e.g. power on some consumer cards): stop asking.
+            self._unsupported.add((index, name))
+            _logger.debug("otel-train: NVML %s on GPU %d unavailable: %s", name, index, error)
+        return None
+
+
+def _nvml_callback(reader: NvmlReader, name: str) -> Callback:
+    extra = {"hw.type": "gpu"} if name == "hw.power" else {}
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        observations = []
+        for index in range(len(reader.handles)):
+            value = reader.read(index, name)
+            if value is not None:
+                observations.append(Observation(value, {"hw.id": str(index), **extra}))
+        return observations
+
+    return observe
+
+
+def _torch_callback(cuda: Any, name: str, device: int) -> Callback:
+    read = {
+        "gpu.memory.allocated": cuda.memory_allocated,
+        "gpu.memory.reserved": cuda.memory_reserved,
+        "gpu.memory.peak_allocated": cuda.max_memory_allocated,
+    }[name]
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return (Observation(float(read(device)), {"hw.id": str(device)}),)
+
+    return observe
+
+
+def _load_nvml() -> Any:
+    try:
+        import pynvml  # the nvidia-ml-py distribution
+    except ImportError:
+        _logger.debug('otel-train: no GPU gauges from NVML: pip install "otel-train[nvml]"')
+        return None
+    return pynvml
+
+
+def _load_cuda() -> Any:
+    torch = sys.modules.get("torch")  # only a program that uses torch has its allocator
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda
+
+
+def register_gpu_metrics(
+    telemetry: Telemetry, *, nvml: Any = None, cuda: Any = None, use_nvml: bool = True
+) -> list[str]:
+    """Create the GPU instruments that can be read here; returns their names.
+
+    `nvml` (a module with pynvml's API) and `cuda` (`torch.cuda`-like) are seams for tests
+    and unusual setups; by default `pynvml` and `torch.cuda` are used when they work. Local
+    rank 0 reports every GPU NVML sees (NVML is node-wide); each rank reports its own
+    device's allocator.
+    """
+    meter, reader = telemetry.meter, telemetry.reader
+    created: list[str] = []
+    nvml = nvml if nvml is not None else (_load_nvml() if use_nvml else None)
+    if nvml is not None and telemetry.context.local_rank == 0:
+        try:
+            nvml_reader: NvmlReader | None = NvmlReader(nvml)
+        except Exception as error:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+            _logger.debug("otel-train: no GPU gauges from NVML: %s", error)
+            nvml_reader = None
+        if nvml_reader is not None and nvml_reader.handles:
+            for name, kind, unit, description in NVML_INSTRUMENTS:
+                create = (
+                    meter.create_observable_up_down_counter
+                    if kind == "updown"
+                    else meter.create_observable_gauge
+                )
+                callback = reader.sampled_callback("gpu", _nvml_callback(nvml_reader, name))
+                create(name, callbacks=[callback], unit=unit, description=description)
+                created.append(name)
+    cuda = cuda if cuda is not None else _load_cuda()
+    if cuda is not None:
+        device = int(cuda.current_device())
+        for name, unit, description in TORCH_INSTRUMENTS:
+            callback = reader.sampled_callback("gpu", _torch_callback(cuda, name, device))
+            meter.create_observable_gauge(
+                name, callbacks=[callback], unit=unit, description=description
+            )
+            created.append(name)
+    else:
+        _logger.debug("otel-train: no torch allocator gauges (no CUDA device)")
+    return created
