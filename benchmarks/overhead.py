@@ -109,7 +109,8 @@ def make_variants(workdir: Path, config: tiny_gpt.TinyGptConfig) -> tuple[dict[s
         run="overhead-otel",
         output_dir=workdir,
         exporters=("jsonl", "prometheus", "wandb"),
-        flops_per_token=tiny_gpt.flops_per_token(model),
+        model=model,
+        seq_len=config.seq_len,
     )
 
     def instrumented(step: int) -> None:

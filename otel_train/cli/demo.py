@@ -185,7 +185,6 @@ def run(args: argparse.Namespace) -> int:
     config = tiny_gpt.TinyGptConfig()
     model, optimizer, sampler = tiny_gpt.build(config, device, seed=args.seed)
     peak_lr = 3e-3
-    flops_per_token = tiny_gpt.flops_per_token(model)
     console.print(
         f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
         f"on {device.type}; measuring the device's matmul peak for MFU..."
@@ -202,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         intervals=parse_intervals(args.intervals),
         total_steps=args.steps,
         config={"model": "tiny-gpt", **asdict(config), "lr": peak_lr, "seed": args.seed},
-        flops_per_token=flops_per_token,
+        model=model,  # FLOPs per token: 6N + attention term, from the model's config
+        seq_len=config.seq_len,
         peak_flops=peak_flops,
     ) as tel:
         progress = Progress(

@@ -22,9 +22,10 @@ VOCAB_SIZE = 256  # bytes: no tokenizer to ship
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TinyGptConfig:
-    layers: int = 2
-    width: int = 48
-    heads: int = 4
+    # Hugging Face style names, so `setup(model=, seq_len=)` finds them for FLOPs per token.
+    num_layers: int = 2
+    hidden_size: int = 48
+    num_heads: int = 4
     seq_len: int = 64
     batch_size: int = 16
 
@@ -37,13 +38,13 @@ def load_corpus() -> bytes:
 class _Block(nn.Module):
     def __init__(self, config: TinyGptConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.width)
-        self.attn = nn.MultiheadAttention(config.width, config.heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(config.width)
+        self.norm1 = nn.LayerNorm(config.hidden_size)
+        self.attn = nn.MultiheadAttention(config.hidden_size, config.num_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(config.hidden_size)
         self.mlp = nn.Sequential(
-            nn.Linear(config.width, 4 * config.width),
+            nn.Linear(config.hidden_size, 4 * config.hidden_size),
             nn.GELU(),
-            nn.Linear(4 * config.width, config.width),
+            nn.Linear(4 * config.hidden_size, config.hidden_size),
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,11 +59,11 @@ class TinyGpt(nn.Module):
     def __init__(self, config: TinyGptConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(VOCAB_SIZE, config.width)
-        self.position = nn.Embedding(config.seq_len, config.width)
-        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.layers))
-        self.norm = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, VOCAB_SIZE, bias=False)
+        self.embed = nn.Embedding(VOCAB_SIZE, config.hidden_size)
+        self.position = nn.Embedding(config.seq_len, config.hidden_size)
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.head = nn.Linear(config.hidden_size, VOCAB_SIZE, bias=False)
         self.causal_mask: torch.Tensor
         mask = torch.triu(torch.ones(config.seq_len, config.seq_len, dtype=torch.bool), 1)
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -80,17 +81,6 @@ class TinyGpt(nn.Module):
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(model: TinyGpt) -> float:
-    """Training FLOPs per token: 6N + 12·L·d·T (PaLM, Chowdhery et al. 2022, appendix B).
-
-    Stand-in for the analytic FLOP counter of the throughput issue (#5); replace it by
-    `setup(model=, seq_len=)` once that lands. Embedding parameters are excluded from N.
-    """
-    config = model.config
-    dense = parameter_count(model) - model.embed.weight.numel() - model.position.weight.numel()
-    return 6.0 * dense + 12.0 * config.layers * config.width * config.seq_len
 
 
 def measure_peak_flops(device: torch.device, *, trials: int = 6, size: int = 768) -> float:

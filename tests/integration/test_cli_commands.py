@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from otel_train.runs import read_run
-
-from .wandb_history import read_history, read_records
+from tests.wandb_records import find_run_file, read_finished_run
 
 pytestmark = pytest.mark.integration
 
@@ -112,10 +111,10 @@ def test_sync_replays_the_run_into_wandb_with_the_same_keys_and_steps(
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    files = [p for p in tmp_path.rglob("run-*.wandb") if "latest-run" not in p.parts]
-    assert len(files) == 1, files
-    assert "exit" in [kind for kind, _ in read_records(files[0])]
-    history = read_history(files[0])
+    wandb_run = read_finished_run(find_run_file(tmp_path))
+    history: dict[int, dict[str, float]] = {}
+    for step, row in zip(wandb_run.history_steps, wandb_run.history, strict=True):
+        history.setdefault(step, {}).update({k: v for k, v in row.items() if k[0] != "_"})
     record = read_run(run_b)
     expected: dict[int, dict[str, float]] = {}
     for row in record.rows:
