@@ -99,3 +99,20 @@ def test_sigkill_leaves_at_most_a_partial_last_line(tmp_path):
     if tail:
         with pytest.raises(json.JSONDecodeError):
             json.loads(tail)
+
+
+def test_run_reader_skips_a_partial_last_line_with_a_warning(tmp_path):
+    """What `otel-train report` / `sync` read after a SIGKILL: every whole line, one warning."""
+    from otel_train.runs import read_run
+
+    proc = _start(tmp_path)
+    path = tmp_path / "killed" / "rank0.jsonl"
+    _wait_until_step(proc, path, 100)
+    proc.kill()
+    proc.communicate(timeout=30)
+    whole = _complete_lines(path)
+    with path.open("ab") as file:  # the kill may or may not have cut a line: make sure one is
+        file.write(b'{"step": 99999, "time": 1.0, "metr')
+    record = read_run(tmp_path / "killed")
+    assert [row.step for row in record.rows] == [json.loads(line)["step"] for line in whole]
+    assert len(record.warnings) == 1 and "partial last line" in record.warnings[0]
