@@ -128,27 +128,8 @@ def setup(
         namer=KeyNamer(key_overrides, preset=key_preset),
         total_steps=total_steps,
     )
-    reader = StepSampledReader(groups, max_queue_batches=max_queue_batches)
-    pull_readers: list[MetricReader] = []
-    push_exporters: list[tuple[str, MetricExporter]] = []
-    for spec in specs:
-        built = (
-            create_named_exporter(spec, context) if isinstance(spec, str) else _bind(spec, context)
-        )
-        name = spec if isinstance(spec, str) else type(spec).__name__
-        if built is None:
-            continue
-        if isinstance(built, MetricReader):
-            pull_readers.append(built)
-        elif isinstance(built, MetricExporter):
-            push_exporters.append((name, built))
-        else:
-            raise OtelTrainError(
-                f"exporter {name!r} is a {type(built).__name__}; expected an OTel MetricExporter "
-                "or MetricReader"
-            )
-    for name, exporter in push_exporters:
-        reader.add_exporter(exporter, name=name)
+    # Everything that can reject the options runs before any exporter opens a file, binds
+    # a port or starts W&B: a rejected setup leaves nothing running.
     throughput = resolve_throughput_settings(
         total_steps=total_steps,
         flops_per_token_value=flops_per_token,
@@ -164,6 +145,33 @@ def setup(
     )
     if measure_flops and model is None:
         raise OtelTrainError("measure_flops=True needs model= (the module whose step is counted)")
+    reader = StepSampledReader(groups, max_queue_batches=max_queue_batches)
+    pull_readers: list[MetricReader] = []
+    push_exporters: list[tuple[str, MetricExporter]] = []
+    try:
+        for spec in specs:
+            built = (
+                create_named_exporter(spec, context)
+                if isinstance(spec, str)
+                else _bind(spec, context)
+            )
+            name = spec if isinstance(spec, str) else type(spec).__name__
+            if built is None:
+                continue
+            if isinstance(built, MetricReader):
+                pull_readers.append(built)
+            elif isinstance(built, MetricExporter):
+                push_exporters.append((name, built))
+            else:
+                raise OtelTrainError(
+                    f"exporter {name!r} is a {type(built).__name__}; expected an OTel "
+                    "MetricExporter or MetricReader"
+                )
+    except BaseException:
+        _close_quietly([*pull_readers, *(exporter for _, exporter in push_exporters)])
+        raise
+    for name, exporter in push_exporters:
+        reader.add_exporter(exporter, name=name)
     provider = MeterProvider(
         metric_readers=[reader, *pull_readers],
         resource=_resource(context),
@@ -202,6 +210,15 @@ def setup(
         otel_metrics.set_meter_provider(provider)
     _live.add(telemetry)
     return telemetry
+
+
+def _close_quietly(built: Sequence[MetricReader | MetricExporter]) -> None:
+    """A setup that fails half-way must not leave a port bound or a W&B run starting."""
+    for item in built:
+        try:
+            item.shutdown(timeout_millis=1_000)
+        except Exception as error:
+            _logger.debug("otel-train: closing %r after a failed setup: %r", item, error)
 
 
 def _bind(exporter: Any, context: RunContext) -> Any:

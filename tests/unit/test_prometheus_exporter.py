@@ -173,3 +173,20 @@ def test_a_collect_without_a_scrape_does_not_duplicate_families(tmp_path: Path) 
     type_lines = [line for line in text.splitlines() if line.startswith("# TYPE ")]
     assert "# TYPE train_loss gauge" in type_lines
     assert len(type_lines) == len(set(type_lines))
+
+
+def test_a_setup_rejected_after_the_server_started_frees_the_port(tmp_path, monkeypatch):
+    import socket
+
+    import otel_train
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OTEL_TRAIN_PROMETHEUS_PORT", str(port))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(otel_train.OtelTrainError, match="cannot write JSON lines"):
+        otel_train.setup(run="x", output_dir=not_a_dir, exporters=("prometheus", "jsonl"))
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # raises EADDRINUSE if the server was left running
