@@ -34,7 +34,7 @@ from otel_train.reader import StepSampledReader
 from otel_train.redaction import redact
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
-from otel_train.sampling import GroupIndex, SamplingView, resolve_views
+from otel_train.sampling import GroupIndex, SamplingView, parse_intervals, resolve_views
 from otel_train.signals import install_signal_flush
 from otel_train.telemetry import Telemetry
 from otel_train.throughput import resolve_throughput_settings
@@ -249,18 +249,7 @@ def _exporter_specs(
 def _env_intervals(env: Mapping[str, str]) -> dict[str, int] | None:
     """OTEL_TRAIN_INTERVALS="train=10,perf=20,gpu=50"."""
     raw = env.get("OTEL_TRAIN_INTERVALS")
-    if not raw:
-        return None
-    intervals: dict[str, int] = {}
-    for part in raw.split(","):
-        group, _, value = part.partition("=")
-        try:
-            intervals[group.strip()] = int(value)
-        except ValueError:
-            raise OtelTrainError(
-                f"OTEL_TRAIN_INTERVALS={raw!r}: {part!r} is not group=int; e.g. 'train=10,perf=20'"
-            ) from None
-    return intervals
+    return parse_intervals(raw, source="OTEL_TRAIN_INTERVALS=") if raw else None
 
 
 def _check_positive(name: str, value: object) -> None:

@@ -197,3 +197,18 @@ class GroupIndex:
         if not periodic:
             return 2**62
         return min((step // every + 1) * every for every in periodic)
+
+
+def parse_intervals(text: str, *, source: str) -> dict[str, int]:
+    """`"train=10,perf=20"` -> `{"train": 10, "perf": 20}`; `source` names where the text came
+    from (an env var, a CLI flag) in the error."""
+    intervals: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        group, _, value = part.partition("=")
+        try:
+            intervals[group.strip()] = int(value)
+        except ValueError:
+            raise OtelTrainError(
+                f"{source} {text!r}: {part!r} is not group=steps; e.g. 'train=10,perf=20'"
+            ) from None
+    return intervals

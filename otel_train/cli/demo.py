@@ -21,6 +21,7 @@ from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
+from otel_train import sampling
 from otel_train.errors import OtelTrainError
 from otel_train.rows import RowBuilder
 from otel_train.run_context import RunContext, file_safe_run_name
@@ -54,16 +55,7 @@ def add_parser(commands: Any) -> None:
 
 
 def parse_intervals(text: str) -> dict[str, int]:
-    intervals: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        group, _, value = part.partition("=")
-        try:
-            intervals[group.strip()] = int(value)
-        except ValueError:
-            raise OtelTrainError(
-                f"--intervals {text!r}: {part!r} is not group=steps; e.g. train=10,perf=20"
-            ) from None
-    return intervals
+    return sampling.parse_intervals(text, source="--intervals")
 
 
 class LatestValuesExporter(MetricExporter):
