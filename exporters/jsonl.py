@@ -23,7 +23,7 @@ from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 from otel_train.ranks import detect_ranks
 from otel_train.rows import MetricRow, RowBuilder
-from otel_train.run_context import RunContext, file_safe_run_name
+from otel_train.run_context import RunContext, output_dir_from, run_dir_for
 
 _logger = logging.getLogger("otel_train.jsonl")
 
@@ -108,7 +108,7 @@ class JsonLinesMetricExporter(MetricExporter):
         run = env.get("OTEL_TRAIN_RUN") or env.get("OTEL_SERVICE_NAME") or "otel"
         rank = detect_ranks().rank
         self._run, self._rank = run, rank
-        directory = Path(env.get("OTEL_TRAIN_OUTPUT_DIR") or "runs") / file_safe_run_name(run)
+        directory = run_dir_for(output_dir_from(None, env), run)
         try:
             self._open(directory / rank_file_name(rank))
         except OtelTrainError as error:

@@ -14,7 +14,6 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
@@ -33,7 +32,7 @@ from otel_train.ranks import RankInfo, detect_ranks
 from otel_train.reader import StepSampledReader
 from otel_train.redaction import redact
 from otel_train.reduction import CrossRankReducer
-from otel_train.run_context import RunContext
+from otel_train.run_context import RunContext, output_dir_from
 from otel_train.sampling import GroupIndex, SamplingView, parse_intervals, resolve_views
 from otel_train.signals import install_signal_flush
 from otel_train.telemetry import Telemetry
@@ -106,7 +105,7 @@ def setup(
     _check_run_name(run_name)
     stage = stage or "train"
     rank_info = ranks or detect_ranks()
-    directory = Path(output_dir or env.get("OTEL_TRAIN_OUTPUT_DIR") or "runs")
+    directory = output_dir_from(output_dir, env)
     specs = _exporter_specs(exporters, env)
     _check_positive("max_queue_batches", max_queue_batches)
     if total_steps is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ def file_safe_run_name(run: str) -> str:
     safe = _UNSAFE_FILE_CHARS.sub("_", run)
     safe = re.sub(r"\.{2,}", "_", safe).strip("._")
     return safe or "run"
+
+
+def output_dir_from(output_dir: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
+    """Argument > OTEL_TRAIN_OUTPUT_DIR > ./runs: one rule for setup() and env-only exporters."""
+    return Path(output_dir or env.get("OTEL_TRAIN_OUTPUT_DIR") or "runs")
+
+
+def run_dir_for(output_dir: Path, run: str) -> Path:
+    """Where one run's files live: `<output_dir>/<file-safe run name>`."""
+    return output_dir / file_safe_run_name(run)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,7 +49,7 @@ class RunContext:
 
     @property
     def run_dir(self) -> Path:
-        return self.output_dir / file_safe_run_name(self.run)
+        return run_dir_for(self.output_dir, self.run)
 
     @property
     def is_main_rank(self) -> bool:
