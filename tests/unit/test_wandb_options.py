@@ -8,12 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb
 
 import otel_train
 from exporters.wandb import RUN_ID_FILE, WandbMetricExporter, create_for_run
 from otel_train.naming import KeyNamer
 from otel_train.run_context import RunContext
 from tests.wandb_records import WandbFileError, iter_payloads
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_singleton():
+    """wandb keeps process-wide settings (e.g. mode=disabled from a test here) in a singleton;
+    reset it so later tests' offline runs are not silently disabled."""
+    yield
+    wandb.teardown()
 
 
 def context(tmp_path: Path, *, rank: int = 0, world_size: int = 1, **extra: object) -> RunContext:
