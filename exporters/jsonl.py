@@ -22,7 +22,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 from otel_train.ranks import detect_ranks
-from otel_train.rows import MetricRow, RowBuilder
+from otel_train.rows import MetricRow, RowBuilder, shared_row
 from otel_train.run_context import RunContext, output_dir_from, run_dir_for
 
 _logger = logging.getLogger("otel_train.jsonl")
@@ -57,6 +57,8 @@ class JsonLinesMetricExporter(MetricExporter):
 
     With no `path`, it writes `<output_dir>/<run>/rank<N>.jsonl` once bound to a run.
     """
+
+    shares_rows = True  # the step-sampled reader builds each batch's row once for all
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class JsonLinesMetricExporter(MetricExporter):
         file = self._file
         if file is None:
             return MetricExportResult.FAILURE
-        row = self._rows.build(metrics_data)
+        row = shared_row(metrics_data, self._rows)
         line = row_to_json(row, run=self._run, stage=self._stage, rank=self._rank) + "\n"
         payload = line.encode("utf-8")
         with self._lock:

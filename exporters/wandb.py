@@ -22,7 +22,7 @@ from otel_train.catalog import STANDARD_INSTRUMENTS
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 from otel_train.redaction import redact
-from otel_train.rows import GLOBAL_STEP_INSTRUMENT, RowBuilder
+from otel_train.rows import GLOBAL_STEP_INSTRUMENT, RowBuilder, shared_row
 from otel_train.run_context import RunContext
 
 _logger = logging.getLogger("otel_train.wandb")
@@ -43,6 +43,8 @@ class WandbMetricExporter(MetricExporter):
     starts its own run (`reinit="create_new"`), never touching one the user started, unless
     `use_active_run=True`: then it logs into `wandb.run` and leaves finishing it to its owner.
     """
+
+    shares_rows = True  # the step-sampled reader builds each batch's row once for all
 
     def __init__(
         self,
@@ -167,7 +169,7 @@ class WandbMetricExporter(MetricExporter):
             return MetricExportResult.SUCCESS  # not this rank's job
         if self._broken is not None or self._closed:
             return MetricExportResult.FAILURE
-        row = self._rows.build(metrics_data)
+        row = shared_row(metrics_data, self._rows)
         with self._lock:
             run = self._run if self._run is not None else self._start()
             if run is None:

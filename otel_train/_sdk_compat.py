@@ -7,13 +7,16 @@ moves it, instead of silently changing what we export.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
 from opentelemetry.sdk.metrics.view import (
     Aggregation,
     ExplicitBucketHistogramAggregation,
     ExponentialBucketHistogramAggregation,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 
 def explicit_buckets_of(instrument: Any) -> Any:
@@ -47,3 +50,40 @@ class _ExponentialUnlessBucketsGiven(Aggregation):
 
 def exponential_unless_buckets_given() -> Aggregation:
     return _ExponentialUnlessBucketsGiven()
+
+
+def scope_of(meter: Any) -> InstrumentationScope:
+    """The scope an SDK meter stamps on its metrics (1.45: `_instrumentation_scope`)."""
+    scope = getattr(meter, "_instrumentation_scope", None)
+    if isinstance(scope, InstrumentationScope):
+        return scope
+    return InstrumentationScope(getattr(meter, "name", None) or "otel_train")
+
+
+def resource_of(provider: Any) -> Any:
+    """The resource a MeterProvider puts on its metrics (1.45: `_sdk_config.resource`)."""
+    return provider._sdk_config.resource
+
+
+def temporality_of(reader: MetricReader) -> dict[type, Any]:
+    """The temporality a reader asked for, by SDK instrument class (1.45: private dict)."""
+    return dict(reader._instrument_class_temporality)  # type: ignore[arg-type]
+
+
+def add_to_collect(
+    reader: MetricReader, extra: Callable[[MetricReader, MetricsData | None], MetricsData | None]
+) -> None:
+    """Make every collect of `reader` return what the SDK collected, passed through `extra`.
+
+    The MeterProvider hands each reader its collect function (`_set_collect_callback`,
+    stored as `_collect`); wrapping it is how values that never went through the SDK's
+    instruments reach a reader we do not drive (a pull endpoint, a periodic OTLP reader).
+    """
+    original: Any = reader._collect
+    if original is None:
+        raise RuntimeError("add_to_collect: the reader is not registered on a MeterProvider yet")
+
+    def collect(the_reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
+        return extra(the_reader, original(the_reader, timeout_millis=timeout_millis))
+
+    reader._collect = collect  # type: ignore[assignment]

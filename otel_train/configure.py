@@ -35,6 +35,7 @@ from otel_train.redaction import redact
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext, output_dir_from
 from otel_train.sampling import GroupIndex, SamplingView, parse_intervals, resolve_views
+from otel_train.series import feed_reader
 from otel_train.signals import install_signal_flush
 from otel_train.telemetry import Telemetry
 from otel_train.throughput import resolve_throughput_settings
@@ -175,9 +176,10 @@ def setup(
         raise
     for name, exporter in push_exporters:
         reader.add_exporter(exporter, name=name)
+    resource = _resource(context)
     provider = MeterProvider(
         metric_readers=[reader, *pull_readers],
-        resource=_resource(context),
+        resource=resource,
         views=_otel_views(views),
         # Exemplars link measurements to traces; a training loop has none, and collecting the
         # reservoirs was ~40% of each sampled step's collect.
@@ -198,7 +200,12 @@ def setup(
         else None,
         max_attribute_sets=max_attribute_sets,
         perplexity=perplexity,
+        resource=resource,
+        needs_sdk=_needs_sdk(views),
     )
+    reader.bind(resource=resource, namer=context.namer)
+    for pull_reader in pull_readers:  # they collect the SDK on their own: add our streams
+        feed_reader(pull_reader, telemetry.streams)
     if gpu_metrics:
         register_gpu_metrics(telemetry)
     if measure_flops:
@@ -295,6 +302,12 @@ def _otel_views(views: Sequence[SamplingView]) -> list[View]:
         )
     )
     return otel_views
+
+
+def _needs_sdk(views: Sequence[SamplingView]) -> Callable[[str], bool]:
+    """Instruments a view re-aggregates or filters go through the SDK (it applies views)."""
+    changing = [v for v in views if v.aggregation is not None or v.attribute_keys is not None]
+    return lambda name: any(view.matches(name) for view in changing)
 
 
 @atexit.register

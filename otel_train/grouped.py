@@ -14,10 +14,10 @@ from typing import Any, cast
 
 from otel_train.errors import OtelTrainError
 from otel_train.staged_meter import RecordSink, StagedInstrument, StagingRegistry
-from otel_train.staging import is_tensor
+from otel_train.staging import Detachable, is_tensor
 
 
-class GroupSlot:
+class GroupSlot(Detachable):
     """Sums and counts per group over the interval: two small device vectors (or host lists)."""
 
     __slots__ = ("counts", "sums")
@@ -64,10 +64,10 @@ class StagedGroupedMean(StagedInstrument):
     def __init__(
         self, registry: StagingRegistry, meter: Any, name: str, unit: str, description: str
     ) -> None:
-        sdk = meter.create_gauge(name, unit=unit, description=description)
+        sdk = registry.output(meter, "gauge", name, unit, description)
         super().__init__(registry, name, unit, description, sdk)
-        self.sdk_count = meter.create_counter(
-            f"{name}.count", unit="{sample}", description=f"Samples behind {name}"
+        self.sdk_count = registry.output(
+            meter, "counter", f"{name}.count", "{sample}", f"Samples behind {name}"
         )
         self.attribute = "dataset"
         self.names: dict[Any, tuple[str, ...]] = {}

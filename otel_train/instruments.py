@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.metrics import Meter
 
 from otel_train.catalog import BY_KEYWORD, RECORD_KEYWORDS, STANDARD_INSTRUMENTS
 from otel_train.errors import UnknownMetricError
@@ -57,13 +57,18 @@ class TrainingInstruments:
                 spec.kind, spec.name, spec.unit, spec.description
             )
         direct = registry.sdk_meter  # host values the telemetry itself records: not staged
-        self.global_step = direct.create_gauge(
-            "train.global_step", description="Optimizer step; the x-axis of every backend"
+        self.global_step: Any = registry.output(
+            direct, "gauge", "train.global_step", "", "Optimizer step; the x-axis of every backend"
         )
-        # The SDK instrument behind the staged counter: the telemetry adds resolved counts.
+        # The output behind the staged counter: the telemetry adds resolved counts.
         self.nonfinite = self.standard["train.nonfinite"].sdk
-        self.step_time: Histogram = direct.create_histogram(
-            "perf.step_time", unit="s", description="Wall time between consecutive steps"
+        self.step_time: Any = registry.output(
+            direct,
+            "histogram",
+            "perf.step_time",
+            "s",
+            "Wall time between consecutive steps",
+            buckets=STEP_TIME_BUCKETS_SECONDS,
         )
         # Hot-path shortcuts: keyword -> (instrument name, slot), looked up once.
         self._slots = {

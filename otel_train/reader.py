@@ -1,8 +1,9 @@
 """`StepSampledReader`: an OTel `MetricReader` driven by the training step, not a timer.
 
-On a due step the telemetry asks it to export some groups; it collects once and forwards only
-the metrics of those groups (plus the global step, the axis every backend plots against) to
-each push exporter's background queue.
+On a due step the telemetry hands it the due groups' metrics, built from otel-train's own
+streams; it adds what only the SDK holds (observable instruments, exponential histograms) by
+collecting the SDK when such a group is due, and forwards one batch (plus the global step, the
+axis every backend plots against) to each push exporter's background queue.
 """
 
 from __future__ import annotations
@@ -10,22 +11,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import Histogram
 from opentelemetry.sdk.metrics.export import (
+    Metric,
     MetricExporter,
     MetricReader,
     MetricsData,
     ResourceMetrics,
     ScopeMetrics,
 )
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_train._sdk_compat import exponential_unless_buckets_given
 from otel_train.background import BackgroundExporter
+from otel_train.naming import KeyNamer
 from otel_train.nonfinite import NonFiniteBoard, with_nonfinite
-from otel_train.rows import GLOBAL_STEP_INSTRUMENT
+from otel_train.rows import GLOBAL_STEP_INSTRUMENT, SharedRows, StepBatch
 from otel_train.sampling import GroupIndex
 
 _logger = logging.getLogger("otel_train.reader")
@@ -53,11 +58,30 @@ class StepSampledReader(MetricReader):
         self._collect_lock = threading.Lock()
         self._shut_down = False
         self._warned_collect = False
+        self._collected: MetricsData | None = None
+        self._resource: Resource = Resource.get_empty()
+        self._rows: SharedRows | None = None
+        self._row_namer: KeyNamer | None = None
+        self._row_consumers = 0
+
+    def bind(self, *, resource: Resource, namer: KeyNamer | None) -> None:
+        """setup(): the resource batches carry, and the run's key namer (exporters using it
+        share one row per batch)."""
+        self._resource = resource
+        self._row_namer = namer
+        self._update_rows()
+
+    def _update_rows(self) -> None:
+        if self._row_namer is not None and self._row_consumers and self._rows is None:
+            self._rows = SharedRows(self._row_namer, max_unbuilt=self._max_queue_batches)
 
     # -- wiring ---------------------------------------------------------------------------
     def add_exporter(self, exporter: MetricExporter, *, name: str) -> BackgroundExporter:
         worker = BackgroundExporter(exporter, name=name, max_queue_batches=self._max_queue_batches)
         self._exporters.append(worker)
+        if getattr(exporter, "shares_rows", False):
+            self._row_consumers += 1
+            self._update_rows()
         return worker
 
     @property
@@ -84,13 +108,30 @@ class StepSampledReader(MetricReader):
         return run_when_due
 
     # -- the step-driven export -----------------------------------------------------------
-    def export_groups(self, groups: frozenset[str]) -> None:
-        """Collect now and queue the metrics of `groups` for every exporter. Never raises."""
+    def export_groups(
+        self,
+        groups: frozenset[str],
+        direct: Mapping[InstrumentationScope, Sequence[Metric]] | None = None,
+        *,
+        collect_sdk: bool = True,
+    ) -> None:
+        """Queue the metrics of `groups` for every exporter: `direct` (built by the telemetry
+        from its streams) plus, with `collect_sdk`, what the SDK holds for those groups.
+        Never raises."""
         if self._shut_down or not groups:
             return
+        collected = self._collect_sdk(groups) if collect_sdk else None
+        batch = self._batch(groups, direct or {}, collected)
+        if batch is None:
+            return
+        for worker in self._exporters:
+            worker.submit(batch)
+
+    def _collect_sdk(self, groups: frozenset[str]) -> MetricsData | None:
         with self._collect_lock:
             self._due = groups
             self._collecting_thread = threading.get_ident()
+            self._collected = None
             try:
                 self.collect(timeout_millis=10_000)
             except Exception as error:  # the SDK raises on callback timeouts; training goes on
@@ -100,45 +141,59 @@ class StepSampledReader(MetricReader):
             finally:
                 self._collecting_thread = None
                 self._due = frozenset()
+            collected, self._collected = self._collected, None
+            return collected
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
         if self._collecting_thread is None:
             return  # a force_flush from outside a step: nothing is due
-        batch = self._select_due(metrics_data)
-        if batch is None:
-            return
-        for worker in self._exporters:
-            worker.submit(batch)
+        self._collected = metrics_data
 
-    def _select_due(self, metrics_data: MetricsData) -> MetricsData | None:
-        due = self._due
+    def _batch(
+        self,
+        due: frozenset[str],
+        direct: Mapping[InstrumentationScope, Sequence[Metric]],
+        collected: MetricsData | None,
+    ) -> MetricsData | None:
         group_of = self._groups.group_of
-        resource_metrics = []
-        has_payload = False
-        for resource in metrics_data.resource_metrics:
-            scopes = []
-            for scope in resource.scope_metrics:
-                kept = [
-                    metric
-                    for metric in scope.metrics
-                    if metric.name == GLOBAL_STEP_INSTRUMENT or group_of(metric.name) in due
-                ]
-                has_payload = has_payload or any(
-                    metric.name != GLOBAL_STEP_INSTRUMENT for metric in kept
-                )
-                if kept:
-                    scopes.append(ScopeMetrics(scope.scope, kept, scope.schema_url))
-            if scopes:
-                resource_metrics.append(
-                    ResourceMetrics(resource.resource, scopes, resource.schema_url)
-                )
-        overrides = self.nonfinite.snapshot()
+        has_payload = any(
+            metric.name != GLOBAL_STEP_INSTRUMENT
+            for metrics in direct.values()
+            for metric in metrics
+        )
+        scopes: dict[InstrumentationScope, list[Metric]] = {}
+        resource = self._resource
+        if collected is not None:
+            for collected_resource in collected.resource_metrics:
+                resource = collected_resource.resource
+                for scope_metrics in collected_resource.scope_metrics:
+                    kept = [m for m in scope_metrics.metrics if group_of(m.name) in due]
+                    if kept:
+                        has_payload = True
+                        scopes.setdefault(scope_metrics.scope, []).extend(kept)
+        for scope, metrics in direct.items():
+            scopes.setdefault(scope, []).extend(metrics)
+        overrides = self.nonfinite.snapshot()  # non-finite values of SDK-held gauges
         due_overrides = {k: v for k, v in overrides.items() if group_of(k[0]) in due}
         if not has_payload and not due_overrides:
             return None
-        return with_nonfinite(MetricsData(resource_metrics), due_overrides)
+        resource_metrics = [
+            ResourceMetrics(
+                resource,
+                [
+                    ScopeMetrics(scope, metrics, scope.schema_url or "")
+                    for scope, metrics in scopes.items()
+                ],
+                resource.schema_url,
+            )
+        ]
+        if due_overrides:
+            resource_metrics = list(
+                with_nonfinite(MetricsData(resource_metrics), due_overrides).resource_metrics
+            )
+        return StepBatch(resource_metrics, rows=self._rows)
 
     # -- lifecycle ------------------------------------------------------------------------
     def wait_idle(self, timeout_millis: float = 10_000) -> bool:

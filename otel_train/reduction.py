@@ -3,6 +3,8 @@
 Gauges (loss, grad norm, ...) become the mean over the ranks that recorded them, counter
 increments (tokens, samples) the sum. Every rank reaches the same sampled steps (sampling is
 by step), so the collective cannot deadlock a healthy job; every rank must call `step()`.
+The collective is issued at the sampled step with `async_op=True` on a vector packed on the
+device (no sync), and awaited with the step's transfer: on CUDA the training thread never waits.
 """
 
 from __future__ import annotations
@@ -47,34 +49,76 @@ class CrossRankReducer:
         dist = torch.distributed
         return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
+    def start(self, owners: list[tuple[Any, Any, Any]]) -> InFlight | None:
+        """Issue this sampled step's all_reduce on the detached slots' interval values,
+        packed where they live (no device sync). None when not distributed or on failure."""
+        if not self.active():
+            return None
+        try:
+            return self._start(owners)
+        except Exception as error:  # a broken group must not take the training loop down
+            self._warn(error)
+            return None
+
+    def finish(
+        self, flight: InFlight, taken: list[tuple[Any, Any, Any]]
+    ) -> list[tuple[Any, Any, Any]]:
+        """`taken` with the global values in place of this rank's own (rank 0 only)."""
+        try:
+            summed = flight.values()
+        except Exception as error:
+            self._warn(error)
+            return taken
+        if not self.keep_on_this_rank:
+            return taken
+        local = _local(taken)
+        return _merged(taken, local, unpack(summed, local))
+
+    def _start(self, owners: list[tuple[Any, Any, Any]]) -> InFlight:
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        slots = {inst.staged_name: slot for inst, key, slot in owners if key is None}
+        terms: list[Any] = []
+        for name in GAUGE_SLOTS:
+            slot = slots.get(name)
+            value = slot.interval_value() if slot is not None else None
+            terms += [0.0, 0.0] if value is None else [value, 1.0]
+        for name in COUNTER_SLOTS:
+            slot = slots.get(name)
+            terms.append(slot.interval_value() if slot is not None else 0.0)
+        vector = _packed_on(device, terms)
+        work = dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True)
+        self.reductions += 1
+        if device.type == "cuda":
+            from otel_train.staging import DeviceTransfer
+
+            work.wait()  # NCCL: the current stream waits for the collective, the host does not
+            return InFlight(work=None, vector=None, copy=DeviceTransfer().start([[vector]]))
+        return InFlight(work=work, vector=vector, copy=None)
+
+    def _warn(self, error: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            _logger.error(
+                "otel-train: cross-rank reduction failed (%r); exporting this rank's own "
+                "values instead",
+                error,
+            )
+
     def reduce_taken(self, taken: list[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]]:
         """The standard values of a sampled step's resolution, reduced across ranks in
-        place of this rank's own (means replace means, sums replace increments)."""
+        place of this rank's own (means replace means, sums replace increments). Blocking."""
         if not self.active():
             return taken
-        local = Resolved(gauges={}, counter_increments={})
-        for instrument, key, value in taken:
-            name = instrument.staged_name
-            if key is not None or value is None:
-                continue
-            if name in GAUGE_SLOTS:
-                local.gauges[name] = value[0] if isinstance(value, tuple) else value
-            elif name in COUNTER_SLOTS and value:
-                local.counter_increments[name] = sum(value)
+        local = _local(taken)
         reduced = self.reduce(local)
         if reduced is local:
             return taken
-        merged = []
-        for instrument, key, value in taken:
-            name = instrument.staged_name
-            if key is None and value is not None:
-                if name in reduced.gauges and name in local.gauges:
-                    mean = reduced.gauges[name]
-                    value = (mean, *value[1:]) if isinstance(value, tuple) else mean
-                elif name in reduced.counter_increments and name in local.counter_increments:
-                    value = [reduced.counter_increments[name]]
-            merged.append((instrument, key, value))
-        return merged
+        return _merged(taken, local, reduced)
 
     def reduce(self, resolved: Resolved) -> Resolved:
         """All-reduce `resolved` across ranks. Any failure leaves the local values in place."""
@@ -83,13 +127,7 @@ class CrossRankReducer:
         try:
             return self._reduce(resolved)
         except Exception as error:  # a broken group must not take the training loop down
-            if not self._warned:
-                self._warned = True
-                _logger.error(
-                    "otel-train: cross-rank reduction failed (%r); exporting this rank's own "
-                    "values instead",
-                    error,
-                )
+            self._warn(error)
             return resolved
 
     def _reduce(self, resolved: Resolved) -> Resolved:
@@ -106,6 +144,73 @@ class CrossRankReducer:
         if not self.keep_on_this_rank:
             return resolved
         return unpack(vector.tolist(), resolved)
+
+
+class InFlight:
+    """One all_reduce in flight: gloo (CPU) finishes on its own thread, NCCL's result is
+    copied to pinned host memory behind an event (`ready()` never blocks)."""
+
+    def __init__(self, *, work: Any, vector: Any, copy: Any) -> None:
+        self._work, self._vector, self._copy = work, vector, copy
+
+    def ready(self) -> bool:
+        if self._copy is not None:
+            return bool(self._copy.ready())
+        return bool(self._work.is_completed())
+
+    def values(self) -> list[float]:
+        if self._copy is not None:
+            return list(self._copy.values()[0])
+        self._work.wait()
+        return list(self._vector.tolist())
+
+
+def _packed_on(device: Any, terms: list[Any]) -> Any:
+    """One float64 vector on `device` from host numbers and 0-dim tensors, without a sync."""
+    import torch
+
+    tensors = [(i, t) for i, t in enumerate(terms) if not isinstance(t, (int, float))]
+    host = torch.tensor(
+        [0.0 if not isinstance(t, (int, float)) else float(t) for t in terms], dtype=torch.float64
+    )
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    if not tensors:
+        return host
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    placed = [zero] * len(terms)
+    for index, tensor in tensors:
+        placed[index] = tensor.to(device=device, dtype=torch.float64)
+    return host + torch.stack(placed)
+
+
+def _local(taken: list[tuple[Any, Any, Any]]) -> Resolved:
+    local = Resolved(gauges={}, counter_increments={})
+    for instrument, key, value in taken:
+        name = instrument.staged_name
+        if key is not None or value is None:
+            continue
+        if name in GAUGE_SLOTS:
+            local.gauges[name] = value[0] if isinstance(value, tuple) else value
+        elif name in COUNTER_SLOTS and value:
+            local.counter_increments[name] = sum(value)
+    return local
+
+
+def _merged(
+    taken: list[tuple[Any, Any, Any]], local: Resolved, reduced: Resolved
+) -> list[tuple[Any, Any, Any]]:
+    merged = []
+    for instrument, key, value in taken:
+        name = instrument.staged_name
+        if key is None and value is not None:
+            if name in reduced.gauges and name in local.gauges:
+                mean = reduced.gauges[name]
+                value = (mean, *value[1:]) if isinstance(value, tuple) else mean
+            elif name in reduced.counter_increments and name in local.counter_increments:
+                value = [reduced.counter_increments[name]]
+        merged.append((instrument, key, value))
+    return merged
 
 
 def pack(resolved: Resolved) -> list[float]:

@@ -4,14 +4,18 @@ Shared by the push exporters (JSON lines, W&B) so every backend shows the same k
 same data. Counters come out cumulative; histograms as the interval's mean, p50 and p95
 (estimated from bucket deltas as Prometheus' `histogram_quantile` does); gauges as they are.
 Non-finite values are kept (NaN stays NaN) and listed, so a diverging loss is never shown as
-its last good value.
+its last good value. Batches of the step-sampled reader (`StepBatch`) carry their row, built
+once for every exporter that shares the run's key namer instead of once per exporter.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -150,3 +154,60 @@ class RowBuilder:
             point.sum - previous[1],
             tuple(now - before for now, before in zip(counts, previous[2], strict=True)),
         )
+
+
+class StepBatch(MetricsData):
+    """A real `MetricsData` (any exporter takes it) that also carries its place in the
+    reader's sequence, so exporters sharing one key namer build its row only once."""
+
+    rows: SharedRows | None
+    row: MetricRow | None
+
+    def __init__(self, resource_metrics: Sequence[Any], *, rows: SharedRows | None = None) -> None:
+        super().__init__(resource_metrics)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "row", None)  # built on the first export thread that asks
+        if rows is not None:
+            rows.register(self)
+
+
+class SharedRows:
+    """One `RowBuilder` for every exporter using `namer`: each batch's row is built once, on
+    whichever export thread asks first, and batches are built in the order they were made
+    (histogram intervals are differences of consecutive exports)."""
+
+    def __init__(self, namer: KeyNamer, *, max_unbuilt: int) -> None:
+        self.namer = namer
+        self._builder = RowBuilder(namer)
+        self._lock = threading.Lock()
+        self._unbuilt: deque[StepBatch] = deque()
+        self._max_unbuilt = max_unbuilt
+
+    def register(self, batch: StepBatch) -> None:
+        with self._lock:
+            self._unbuilt.append(batch)
+            if len(self._unbuilt) > self._max_unbuilt:
+                self._unbuilt.popleft()  # every queue dropped it already (it is older than all)
+
+    def row_of(self, batch: StepBatch) -> MetricRow:
+        with self._lock:
+            if batch.row is None:
+                while self._unbuilt:
+                    older = self._unbuilt.popleft()
+                    object.__setattr__(older, "row", self._builder.build(older))
+                    if older is batch:
+                        break
+            if batch.row is None:  # left out of the sequence: build it on its own
+                object.__setattr__(batch, "row", self._builder.build(batch))
+            assert batch.row is not None
+            return batch.row
+
+
+def shared_row(metrics_data: MetricsData, builder: RowBuilder) -> MetricRow:
+    """The row of `metrics_data`: the shared one when it is a `StepBatch` whose rows use
+    `builder`'s namer, else `builder`'s own. Treat it as read-only: other exporters see it."""
+    if isinstance(metrics_data, StepBatch):
+        rows = metrics_data.rows
+        if rows is not None and rows.namer is builder.namer:
+            return rows.row_of(metrics_data)
+    return builder.build(metrics_data)

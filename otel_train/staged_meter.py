@@ -4,15 +4,19 @@
 `UpDownCounter`, `Histogram`, `_Gauge`) whose `add/record/set(amount, attributes)` accept
 numbers and 0-dim tensors on any device. They only stage the value (a reference, or an append
 to a short list); on a sampled step of the instrument's group the registry resolves every
-pending tensor in one transfer per device and records the numbers into the SDK instruments
-behind them, so views, readers and exporters see ordinary OTel data.
+pending tensor in one transfer per device and records the numbers into the streams behind
+them (`otel_train.series`: our own cumulative aggregation, exported as ordinary OTel data),
+or into SDK instruments where the SDK's machinery is needed (a view that changes aggregation or
+attributes, exponential histograms).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
 from opentelemetry.metrics import (
@@ -27,9 +31,27 @@ from opentelemetry.metrics import (
     _Gauge,
 )
 
+from otel_train._sdk_compat import scope_of
 from otel_train.catalog import InstrumentSpec, describe, max_companion
 from otel_train.errors import OtelTrainError
-from otel_train.staging import HistogramSlot, LastSlot, MeanSlot, SumSlot, stage_value
+from otel_train.series import (
+    AttributeKey,
+    GaugeStream,
+    HistogramStream,
+    Stream,
+    StreamSet,
+    SumStream,
+    attribute_key,
+)
+from otel_train.staging import (
+    DeviceTransfer,
+    HistogramSlot,
+    LastSlot,
+    MeanSlot,
+    PendingValues,
+    SumSlot,
+    stage_value,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -43,14 +65,7 @@ _OVERFLOW_KEY = (("otel.metric.overflow", True),)
 # The OTel API's instrument-name syntax (the SDK logs and drops others silently).
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,254}$")
 _PROMETHEUS_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
-
-AttributeKey = tuple[tuple[str, Any], ...] | None
-
-
-def attribute_key(attributes: Mapping[str, Any] | None) -> AttributeKey:
-    if not attributes:
-        return None
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attributes.items()))
+GLOBAL_STEP = "train.global_step"  # in every exported batch: the x-axis of every backend
 
 
 class StagedInstrument:
@@ -133,7 +148,7 @@ class StagedCounter(StagedInstrument, Counter):
     def __init__(
         self, registry: StagingRegistry, meter: Meter, name: str, unit: str, description: str
     ) -> None:
-        sdk = meter.create_counter(name, unit=unit, description=description)
+        sdk = registry.output(meter, "counter", name, unit, description)
         StagedInstrument.__init__(self, registry, name, unit, description, sdk)
         Counter.__init__(self, name, unit=unit, description=description)
 
@@ -172,7 +187,7 @@ class StagedUpDownCounter(StagedCounter, UpDownCounter):  # type: ignore[misc]
     def __init__(
         self, registry: StagingRegistry, meter: Meter, name: str, unit: str, description: str
     ) -> None:
-        sdk = meter.create_up_down_counter(name, unit=unit, description=description)
+        sdk = registry.output(meter, "up_down_counter", name, unit, description)
         StagedInstrument.__init__(self, registry, name, unit, description, sdk)
         UpDownCounter.__init__(self, name, unit=unit, description=description)
 
@@ -186,7 +201,7 @@ class StagedGauge(StagedInstrument, _Gauge):
     def __init__(
         self, registry: StagingRegistry, meter: Meter, name: str, unit: str, description: str
     ) -> None:
-        sdk = meter.create_gauge(name, unit=unit, description=description)
+        sdk = registry.output(meter, "gauge", name, unit, description)
         StagedInstrument.__init__(self, registry, name, unit, description, sdk)
         _Gauge.__init__(self, name, unit=unit, description=description)
 
@@ -211,8 +226,8 @@ class StagedMean(StagedGauge):
     ) -> None:
         super().__init__(registry, meter, name, unit, description)
         self.max_name = max_companion(name)
-        self.sdk_max = meter.create_gauge(
-            self.max_name, unit=unit, description=f"{description}: maximum over the interval"
+        self.sdk_max = registry.output(
+            meter, "gauge", self.max_name, unit, f"{description}: maximum over the interval"
         )
 
     def apply(self, key: AttributeKey, taken: Any, sink: RecordSink) -> None:
@@ -239,11 +254,8 @@ class StagedHistogram(StagedInstrument, Histogram):
         description: str,
         explicit_bucket_boundaries_advisory: Sequence[float] | None = None,
     ) -> None:
-        sdk = meter.create_histogram(
-            name,
-            unit=unit,
-            description=description,
-            explicit_bucket_boundaries_advisory=explicit_bucket_boundaries_advisory,
+        sdk = registry.output(
+            meter, "histogram", name, unit, description, buckets=explicit_bucket_boundaries_advisory
         )
         StagedInstrument.__init__(self, registry, name, unit, description, sdk)
         Histogram.__init__(self, name, unit=unit, description=description)
@@ -273,7 +285,8 @@ _CLASSES: Mapping[str, type[StagedInstrument]] = {
 
 
 class RecordSink:
-    """Where resolved numbers land: SDK instruments, the non-finite board, the tallies.
+    """Where resolved numbers land: streams or SDK instruments, the non-finite board (for the
+    SDK, which drops NaN), the tallies.
 
     Built per sampled step by the telemetry; collects what the step's bookkeeping needs
     (counter increments of the standard instruments, how many values were non-finite).
@@ -288,7 +301,11 @@ class RecordSink:
     def set_gauge(
         self, sdk: Any, name: str, attributes: Mapping[str, Any] | None, value: float
     ) -> None:
-        if value - value == 0.0:  # finite (NaN and inf give NaN)
+        if type(sdk) is GaugeStream:  # keeps NaN itself: no board needed
+            sdk.set(value, attributes)
+            if value - value != 0.0:
+                self.nonfinite += 1
+        elif value - value == 0.0:  # finite (NaN and inf give NaN)
             sdk.set(value, attributes)
             self.board.clear(name, attributes)
         else:
@@ -323,6 +340,8 @@ class StagingRegistry:
         group_of: Callable[[str], str],
         declared: Mapping[str, InstrumentSpec],
         max_attribute_sets: int = DEFAULT_MAX_ATTRIBUTE_SETS,
+        streams: StreamSet | None = None,
+        needs_sdk: Callable[[str], bool] = lambda name: False,
     ) -> None:
         self.sdk_meter = sdk_meter
         self.group_of = group_of
@@ -332,6 +351,54 @@ class StagingRegistry:
         self.instruments: dict[str, StagedInstrument] = {}
         self.by_group: dict[str, list[StagedInstrument]] = {}
         self._prometheus_names: dict[str, str] = {}
+        self.streams = streams if streams is not None else StreamSet(_empty_resource())
+        self._needs_sdk = needs_sdk  # a view changes aggregation or attributes: the SDK's job
+        self.sdk_groups: set[str] = set()  # groups whose export needs an SDK collect
+        self.transfer: Any = DeviceTransfer()  # a seam: tests stand in for a CUDA copy
+
+    def output(
+        self,
+        meter: Meter,
+        kind: str,
+        name: str,
+        unit: str,
+        description: str,
+        *,
+        buckets: Sequence[float] | None = None,
+    ) -> Any:
+        """Where an instrument's resolved numbers go: our own stream (cheap, exported
+        without a collect), or an SDK instrument where only the SDK can do it right."""
+        group = self.group_of(name)
+        exponential = kind == "histogram" and not _valid_buckets(buckets)
+        if exponential or self._needs_sdk(name):
+            self.sdk_groups.add(group)
+            if kind == "histogram":
+                return meter.create_histogram(
+                    name,
+                    unit=unit,
+                    description=description,
+                    explicit_bucket_boundaries_advisory=buckets,
+                )
+            create = {
+                "counter": meter.create_counter,
+                "up_down_counter": meter.create_up_down_counter,
+                "gauge": meter.create_gauge,
+            }[kind]
+            return create(name, unit=unit, description=description)
+        scope = scope_of(meter)
+        stream: Stream
+        if kind in ("counter", "up_down_counter"):
+            stream = SumStream(name, unit, description, scope, monotonic=kind == "counter")
+        elif kind == "gauge":
+            stream = GaugeStream(name, unit, description, scope)
+        else:
+            stream = HistogramStream(name, unit, description, scope, boundaries=buckets or ())
+        self.streams.add(group, stream, always=name == GLOBAL_STEP)
+        return stream
+
+    def observable_created(self, name: str) -> None:
+        """Observable instruments are the SDK's: their group's exports collect the SDK."""
+        self.sdk_groups.add(self.group_of(name))
 
     def create(
         self,
@@ -409,22 +476,60 @@ class StagingRegistry:
         )
 
     def take(self, groups: frozenset[str] | set[str]) -> list[tuple[StagedInstrument, Any, Any]]:
-        """Resolve every pending slot of `groups`: one device->host transfer per device."""
-        from otel_train.staging import transfer
+        """Resolve every pending slot of `groups` now: one device->host transfer per device."""
+        return self.begin_take(groups).finish()
 
+    def begin_take(
+        self, groups: frozenset[str] | set[str], also: Sequence[StagedInstrument] = ()
+    ) -> TakenValues:
+        """Start resolving every pending slot of `groups` (and of `also`): the slots start a
+        new interval at once, their values travel to the host in one copy per device."""
+        instruments = [i for group in groups for i in self.by_group.get(group, ())]
+        instruments.extend(i for i in also if i not in instruments)
         owners: list[tuple[StagedInstrument, AttributeKey, Any]] = []
-        requests: list[list[Any]] = []
-        for group in groups:
-            for instrument in self.by_group.get(group, ()):
-                for key, slot in instrument.slots.items():
-                    if slot.pending():
-                        owners.append((instrument, key, slot))
-                        requests.append(slot.tensors())
-        values = transfer(requests)
+        for instrument in instruments:
+            for key, slot in instrument.slots.items():
+                if slot.pending():
+                    owners.append((instrument, key, slot.detach()))
+        return TakenValues(owners, self.transfer.start([slot.tensors() for _, _, slot in owners]))
+
+
+class TakenValues:
+    """The detached interval of some slots, and their values on their way to the host."""
+
+    def __init__(
+        self, owners: list[tuple[StagedInstrument, AttributeKey, Any]], pending: PendingValues
+    ) -> None:
+        self.owners = owners
+        self.pending = pending
+
+    def ready(self) -> bool:
+        return self.pending.ready()
+
+    def finish(self) -> list[tuple[StagedInstrument, Any, Any]]:
+        """(instrument, attribute key, interval value) per slot; waits for the copy if needed."""
+        values = self.pending.values()
         return [
             (instrument, key, slot.take(resolved))
-            for (instrument, key, slot), resolved in zip(owners, values, strict=True)
+            for (instrument, key, slot), resolved in zip(self.owners, values, strict=True)
         ]
+
+
+def _valid_buckets(buckets: Sequence[float] | None) -> bool:
+    """What the SDK accepts as a bucket advisory (it ignores others, with a warning)."""
+    if not buckets:
+        return False
+    try:
+        values = [float(b) for b in buckets]
+    except (TypeError, ValueError):
+        return False
+    return all(math.isfinite(v) for v in values) and all(a < b for a, b in pairwise(values))
+
+
+def _empty_resource() -> Any:
+    from opentelemetry.sdk.resources import Resource
+
+    return Resource.get_empty()
 
 
 def _check_name(name: object) -> None:
@@ -491,6 +596,7 @@ class StagedMeter(Meter):
     def create_observable_counter(
         self, name: str, callbacks: Any = None, unit: str = "", description: str = ""
     ) -> ObservableCounter:
+        self._registry.observable_created(name)
         return self._sdk.create_observable_counter(
             name, callbacks, unit=unit, description=description or describe(name)
         )
@@ -498,6 +604,7 @@ class StagedMeter(Meter):
     def create_observable_gauge(
         self, name: str, callbacks: Any = None, unit: str = "", description: str = ""
     ) -> ObservableGauge:
+        self._registry.observable_created(name)
         return self._sdk.create_observable_gauge(
             name, callbacks, unit=unit, description=description or describe(name)
         )
@@ -505,6 +612,7 @@ class StagedMeter(Meter):
     def create_observable_up_down_counter(
         self, name: str, callbacks: Any = None, unit: str = "", description: str = ""
     ) -> ObservableUpDownCounter:
+        self._registry.observable_created(name)
         return self._sdk.create_observable_up_down_counter(
             name, callbacks, unit=unit, description=description or describe(name)
         )

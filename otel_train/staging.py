@@ -4,8 +4,9 @@ The hot path only checks a value's type and shape (host metadata, never the data
 references and appends to short lists, so a device tensor is never synchronised on a
 non-sampled step. On a sampled step every pending tensor of every due slot is flattened into
 one float64 vector per device and copied to the host once: one device->host transfer per
-device. A value that cannot become a number is refused when it is recorded, with an error
-that says what to pass instead, so it can never poison a later step.
+device (on CUDA a non-blocking copy into pinned memory, its event polled: the training thread
+never waits for the device). A value that cannot become a number is refused when it is
+recorded, with an error that says what to pass instead, so it can never poison a later step.
 """
 
 from __future__ import annotations
@@ -90,7 +91,24 @@ def _stage_tensor(name: str, tensor: Any) -> Any:
 
 
 # -- slots: the pending state of one instrument for one attribute set ----------------------
-class SumSlot:
+class Detachable:
+    """`detach()` hands the interval's state to a twin and starts a fresh interval in place:
+    the hot path keeps its references to the slot, the sampled step resolves the twin once
+    its values have reached the host (possibly a few steps later, on CUDA)."""
+
+    __slots__ = ()
+
+    def detach(self) -> Any:
+        twin = type(self)()
+        names: tuple[str, ...] = self.__slots__  # type: ignore[attr-defined]
+        for name in names:
+            mine = getattr(self, name)
+            setattr(self, name, getattr(twin, name))
+            setattr(twin, name, mine)
+        return twin
+
+
+class SumSlot(Detachable):
     """Counter / up-down counter: host amounts add at once, tensors are kept for later."""
 
     __slots__ = ("host", "parts")
@@ -121,8 +139,15 @@ class SumSlot:
         self.host, self.parts = 0.0, []
         return amounts
 
+    def interval_value(self) -> Any:
+        """The interval's sum without leaving the device (cross-rank reduction)."""
+        total: Any = self.host
+        for part in self.parts:
+            total = part.reshape(()).double() + total
+        return total
 
-class LastSlot:
+
+class LastSlot(Detachable):
     """Gauge: the last value recorded wins (a reference, resolved at the sampled step)."""
 
     __slots__ = ("value",)
@@ -147,8 +172,12 @@ class LastSlot:
             return None
         return values[0] if values else float(value)
 
+    def interval_value(self) -> Any:
+        value = self.value
+        return value.reshape(()).double() if is_tensor(value) else value
 
-class MeanSlot:
+
+class MeanSlot(Detachable):
     """Interval mean, max and last value of every recorded value (the standard loss)."""
 
     __slots__ = ("count", "folded", "host_count", "host_max", "host_sum", "last_host", "parts")
@@ -208,8 +237,15 @@ class MeanSlot:
         self.last_host, self.parts, self.folded, self.count = None, [], [], 0
         return total / count, _nanmax(maxima), last, count
 
+    def interval_value(self) -> Any:
+        """The interval mean without leaving the device (cross-rank reduction)."""
+        total: Any = self.host_sum
+        for part in (*(folded[0] for folded in self.folded), *self.parts):
+            total = part.reshape(()).double() + total
+        return total / self.count if self.count else None
 
-class HistogramSlot:
+
+class HistogramSlot(Detachable):
     """Every value of the interval, kept until the sampled step records them all."""
 
     __slots__ = ("host", "parts", "size")
@@ -270,31 +306,86 @@ def _cat(parts: list[Any]) -> Any:
 
 
 # -- the one transfer per device -----------------------------------------------------------
-def transfer(requests: list[list[Any]]) -> list[list[float]]:
-    """Host values for each request (a list of tensors), one device->host copy per device.
+class PendingValues:
+    """Host values of one `DeviceTransfer.start`: ready at once on the CPU; on CUDA once the
+    copy's event has completed (`ready()` polls it, `values()` waits for it)."""
 
-    Every tensor is flattened and widened to float64 (float32 on MPS, which has no float64)
-    on its own device, concatenated per device, and copied with one `tolist()`.
+    def __init__(self, size: int, copies: list[tuple[list[tuple[int, int]], Any, Any]]) -> None:
+        self._size = size
+        self._copies = copies  # per device: (request index, element count)..., host, event
+        self._values: list[list[float]] | None = None if copies else [[] for _ in range(size)]
+
+    def ready(self) -> bool:
+        if self._values is not None:
+            return True
+        return all(event is None or event.query() for _, _, event in self._copies)
+
+    def values(self) -> list[list[float]]:
+        if self._values is None:
+            results: list[list[float]] = [[] for _ in range(self._size)]
+            for items, host, event in self._copies:
+                if event is not None:
+                    event.synchronize()  # the copy was queued long ago: normally done already
+                numbers: list[float] = host.tolist()  # the one device->host transfer
+                position = 0
+                for index, size in items:
+                    results[index].extend(numbers[position : position + size])
+                    position += size
+            self._values, self._copies = results, []
+        return self._values
+
+
+class DeviceTransfer:
+    """One device->host copy per device for a list of requests (each a list of tensors).
+
+    Every tensor is flattened and widened to float64 (float32 on MPS, which has no float64) on
+    its own device and concatenated per device. CUDA: copied with `non_blocking=True` into
+    pinned host memory and an event recorded, never a blocking sync. CPU: the concatenation
+    is the copy, ready at once. Other devices: one `tolist()` when the values are asked for.
     """
-    results: list[list[float]] = [[] for _ in requests]
-    by_device: dict[Any, list[tuple[int, Any]]] = {}
-    for index, tensors in enumerate(requests):
-        for tensor in tensors:
-            by_device.setdefault(tensor.device, []).append((index, tensor))
-    if not by_device:
-        return results
-    import torch
 
-    for device, items in by_device.items():
-        dtype = torch.float32 if getattr(device, "type", "") == "mps" else torch.float64
-        flat = [tensor.detach().reshape(-1).to(dtype) for _, tensor in items]
-        host: list[float] = torch.cat(flat).tolist()  # the one device->host transfer
-        position = 0
-        for (index, _), piece in zip(items, flat, strict=True):
-            size = piece.numel()
-            results[index].extend(host[position : position + size])
-            position += size
-    return results
+    def start(self, requests: Sequence[Sequence[Any]]) -> PendingValues:
+        by_device: dict[Any, list[tuple[int, Any]]] = {}
+        for index, tensors in enumerate(requests):
+            for tensor in tensors:
+                by_device.setdefault(tensor.device, []).append((index, tensor))
+        if not by_device:
+            return PendingValues(len(requests), [])
+        import torch
+
+        copies = []
+        for device, items in by_device.items():
+            kind = getattr(device, "type", "")
+            dtype = torch.float32 if kind == "mps" else torch.float64
+            flat = [_flat(tensor, dtype) for _, tensor in items]
+            packed = torch.cat(flat)  # a new tensor: the values as of now, whatever comes next
+            sizes = [(index, piece.numel()) for (index, _), piece in zip(items, flat, strict=True)]
+            event = None
+            if kind == "cuda":
+                host = torch.empty(packed.shape, dtype=dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                packed = host
+            copies.append((sizes, packed, event))
+        return PendingValues(len(requests), copies)
+
+
+def _flat(tensor: Any, dtype: Any) -> Any:
+    """1-D, `dtype`, no autograd graph: only the calls that change something (each costs us)."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.dim() != 1:
+        tensor = tensor.reshape(-1)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+_DEFAULT_TRANSFER = DeviceTransfer()
+
+
+def transfer(requests: list[list[Any]]) -> list[list[float]]:
+    """Host values for each request now (events: an epoch end, an evaluation, shutdown)."""
+    return _DEFAULT_TRANSFER.start(requests).values()
 
 
 def safe_exp(value: float) -> float:

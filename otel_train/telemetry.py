@@ -1,9 +1,11 @@
 """`Telemetry`: the one object a training loop talks to. `step(n)` is the only clock.
 
-Non-sampled steps cost a compare and a clock read. Sampled steps resolve the due groups'
-staged values (one device->host transfer per device), record them into the SDK instruments,
-derive rates, and hand the due groups to the step-sampled reader, whose exporters run on
-their own threads.
+Non-sampled steps cost a compare and a clock read. Sampled steps detach the due groups'
+staged values and start their one device->host transfer per device; once it has completed
+(at once on the CPU; on CUDA polled at later steps, forced at the next sampled step, an event
+or shutdown) the values go into the streams, rates are derived, and the due groups' metrics,
+labelled with the sampled step, go to the step-sampled reader, whose exporters run on their
+own threads.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from time import time_ns
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
@@ -28,7 +32,8 @@ from otel_train.reader import StepSampledReader
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
-from otel_train.staged_meter import RecordSink, StagedMeterProvider, StagingRegistry
+from otel_train.series import StreamSet
+from otel_train.staged_meter import RecordSink, StagedMeterProvider, StagingRegistry, TakenValues
 from otel_train.staging import safe_exp, transfer
 from otel_train.summaries import RunSummaries
 
@@ -38,6 +43,23 @@ _logger = logging.getLogger(__name__)
 # SDK record costs microseconds: that work belongs to sampled steps). Past this many (perf
 # interval longer than this, or perf made an event group) they are recorded in one go.
 _MAX_BUFFERED_STEP_TIMES = 65_536
+
+
+@dataclass(slots=True)
+class _PendingExport:
+    """A sampled step whose values are on their way to the host: everything it needs from
+    the moment it was sampled (its step, clock, step durations), exported once they arrive."""
+
+    due: frozenset[str]
+    step: int
+    now: float
+    time_nanos: int
+    taken: TakenValues
+    reduction: Any  # the cross-rank all_reduce in flight, or None
+    durations: list[float] | None
+
+    def ready(self) -> bool:
+        return self.taken.ready() and (self.reduction is None or self.reduction.ready())
 
 
 class Telemetry:
@@ -57,6 +79,8 @@ class Telemetry:
         reducer: CrossRankReducer | None = None,
         max_attribute_sets: int = 200,
         perplexity: bool | None = None,
+        resource: Any = None,
+        needs_sdk: Callable[[str], bool] = lambda name: False,
     ) -> None:
         self.provider = provider
         self.reader = reader
@@ -64,12 +88,19 @@ class Telemetry:
         self._groups = groups
         self._clock = clock
         self._shutdown_timeout_millis = shutdown_timeout_millis
+        if resource is None:
+            from otel_train._sdk_compat import resource_of
+
+            resource = resource_of(provider)
         self._registry = StagingRegistry(
             provider.get_meter("otel_train"),
             group_of=groups.group_of,
             declared=_declared_instruments(),
             max_attribute_sets=max_attribute_sets,
+            streams=StreamSet(resource),
+            needs_sdk=needs_sdk,
         )
+        self._pending: _PendingExport | None = None  # at most one sampled step in flight
         self._meter_provider = StagedMeterProvider(self._registry, provider)
         self._meter = self._meter_provider.get_meter("otel_train")
         if perplexity is None:  # exp(loss) means something only for a token cross-entropy
@@ -103,6 +134,11 @@ class Telemetry:
     def meter_provider(self) -> MeterProvider:
         """For library code: `opentelemetry.metrics.set_meter_provider(tel.meter_provider)`."""
         return self._meter_provider
+
+    @property
+    def streams(self) -> StreamSet:
+        """The values otel-train aggregates itself (every reader gets them)."""
+        return self._registry.streams
 
     @property
     def last_step(self) -> int:
@@ -157,12 +193,16 @@ class Telemetry:
         self._last_step = step
         if step >= self._next_due:
             self._sampled_step(last, step, now)
-        elif len(self._step_durations) > _MAX_BUFFERED_STEP_TIMES:
-            self._flush_step_durations()
+        else:
+            if self._pending is not None:  # CUDA: export once the copy has completed
+                self._poll_pending()
+            if len(self._step_durations) > _MAX_BUFFERED_STEP_TIMES:
+                self._flush_step_durations()
 
     def resume_from(self, step: int) -> None:
         """Continue the step axis from `step` (the last step a restored checkpoint finished)."""
         with self._busy():
+            self._finish_pending()
             self._last_step = step
             self._last_step_time = None
             self._step_durations.clear()
@@ -182,6 +222,7 @@ class Telemetry:
         if self._closed_or_forked():
             return
         with self._busy():
+            self._finish_pending()
             staged = {f"eval.{name}": value for name, value in (metrics or {}).items()}
             if loss is not None:
                 staged["eval.loss"] = loss
@@ -193,9 +234,10 @@ class Telemetry:
                 for inst, key, value in resolved
                 if key is None and isinstance(value, float)
             }
-            sink = self._apply(resolved)
-            derived = self.summaries.eval_values(dict(values))
-            self._set_values(derived, sink, skip=values)
+            with self._registry.streams.lock:
+                sink = self._apply(resolved)
+                derived = self.summaries.eval_values(dict(values))
+                self._set_values(derived, sink, skip=values)
             self._export_event("eval", sink)
         self._deliver_deferred_signal()
 
@@ -204,19 +246,26 @@ class Telemetry:
         if self._closed_or_forked():
             return
         with self._busy():
-            sink = self._apply(self._take_instruments(self._counters))
-            self._add_counts(sink)
+            self._finish_pending()
+            resolved = self._registry.begin_take(frozenset(), self._counters).finish()
             loss_slot = self.training.standard["train.loss"].plain_slot()
             pending = loss_slot.peek(transfer([loss_slot.tensors()])[0])
-            values = self.summaries.epoch_values(
-                epoch, now=self._clock(), step=self._last_step, pending_loss=pending
-            )
-            self._set_values(values, sink)
+            with self._registry.streams.lock:
+                sink = self._apply(resolved)
+                self._add_counts(sink)
+                values = self.summaries.epoch_values(
+                    epoch, now=self._clock(), step=self._last_step, pending_loss=pending
+                )
+                self._set_values(values, sink)
             self._export_event("epoch", sink)
         self._deliver_deferred_signal()
 
     def flush(self, timeout_millis: float = 10_000) -> bool:
-        """Wait until everything exported so far has reached every exporter."""
+        """Wait until everything exported so far has reached every exporter (a sampled step
+        whose values are still on their way from the device is exported first)."""
+        with self._busy():
+            if not self._closed_or_forked():
+                self._finish_pending()
         return self.reader.wait_idle(timeout_millis)
 
     def export_stats(self) -> dict[str, dict[str, int]]:
@@ -241,13 +290,16 @@ class Telemetry:
                 return  # a forked child owns none of the exporters
             budget = self._shutdown_timeout_millis if timeout_millis is None else timeout_millis
             try:
+                self._finish_pending()
                 periodic = frozenset(self._groups.periodic_groups())
                 if self._last_step > self._last_exported_step or self._registry.pending_in(
                     periodic
                 ):
-                    self._export_groups(periodic, self._last_step, self._clock())
+                    self._begin_export(periodic, self._last_step, self._clock())
+                    self._finish_pending()
                 sink = RecordSink(self.reader.nonfinite)
-                self._set_values(self.summaries.final_values(self._last_step), sink)
+                with self._registry.streams.lock:
+                    self._set_values(self.summaries.final_values(self._last_step), sink)
                 self._export_event("final", sink)
             except OtelTrainError as error:
                 _logger.error("otel-train: could not export the last values at shutdown: %s", error)
@@ -262,52 +314,83 @@ class Telemetry:
         with self._busy():
             if self._closed_or_forked():
                 return
+            self._finish_pending()  # the previous sampled step first: exports stay in order
             due = self._groups.groups_due(previous, step)
             self._next_due = self._groups.next_due_step(step)
             if due:
-                self._export_groups(due, step, now, across_ranks=True)
+                self._begin_export(due, step, now, across_ranks=True)
         self._deliver_deferred_signal()
 
-    def _export_groups(
+    def _poll_pending(self) -> None:
+        with self._busy():
+            pending = self._pending
+            if pending is not None and pending.ready() and not self._closed_or_forked():
+                self._finish_pending()
+        self._deliver_deferred_signal()
+
+    def _begin_export(
         self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
     ) -> None:
-        resolved = self._registry.take(due)  # one device->host transfer per device
-        if "perf" in due and "train" not in due:
-            # Rates need this interval's tokens and samples; cumulative counters lose nothing
-            # by being resolved early (they are exported with the train group).
-            resolved += self._take_instruments(self._counters)
+        """Detach the due values and start their transfer; export now if it is complete."""
+        # Rates need this interval's tokens and samples; cumulative counters lose nothing by
+        # being resolved early (they are exported with the train group).
+        also = self._counters if "perf" in due and "train" not in due else ()
+        taken = self._registry.begin_take(due, also)  # one device->host transfer per device
         # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
-        # event, where a peer may already be gone and a collective would hang.
+        # event, where a peer may already be gone and a collective would hang. Issued now,
+        # at the sampled step, on every rank alike; awaited with the transfer.
+        reduction = None
         if across_ranks and self._reducer is not None:
-            resolved = self._reducer.reduce_taken(resolved)
-        sink = self._apply(resolved)
-        self._add_counts(sink)
-        loss = next(
-            (v for inst, key, v in resolved if key is None and inst.staged_name == "train.loss"),
-            None,
-        )
-        if loss is not None:
-            mean, _maximum, last, count = loss
-            self.summaries.add_losses(mean, last, count)
-            if self.summaries.perplexity:
-                self._set_values({"train.perplexity": safe_exp(mean)}, sink)
+            reduction = self._reducer.start(taken.owners)
+        durations = None
         if "perf" in due:
-            self._flush_step_durations()
-            summaries = self.summaries
-            rates = self._rates.derive(
-                step=step, now=now, tokens=summaries.tokens_total, samples=summaries.samples_total
-            )
-            self._set_values(rates, sink)
-        if sink.nonfinite:
-            self.training.nonfinite.add(sink.nonfinite)
-        self.training.global_step.set(step)
+            durations, self._step_durations = self._step_durations, []
         self._last_exported_step = step
-        self.reader.export_groups(due)
+        self._pending = _PendingExport(due, step, now, time_ns(), taken, reduction, durations)
+        if self._pending.ready():  # the CPU: at once, in this step
+            self._finish_pending()
 
-    def _take_instruments(self, instruments: Sequence[Any]) -> list[tuple[Any, Any, Any]]:
-        slots = [(i, k, s) for i in instruments for k, s in i.slots.items() if s.pending()]
-        values = transfer([slot.tensors() for _, _, slot in slots])
-        return [(i, k, s.take(v)) for (i, k, s), v in zip(slots, values, strict=True)]
+    def _finish_pending(self) -> None:
+        """Export the sampled step in flight, if any (waits for its copy: normally done)."""
+        job, self._pending = self._pending, None
+        if job is None:
+            return
+        resolved = job.taken.finish()
+        if job.reduction is not None and self._reducer is not None:
+            resolved = self._reducer.finish(job.reduction, resolved)
+        streams = self._registry.streams
+        with streams.lock:
+            sink = self._apply(resolved)
+            self._add_counts(sink)
+            loss = next(
+                (
+                    v
+                    for inst, key, v in resolved
+                    if key is None and inst.staged_name == "train.loss"
+                ),
+                None,
+            )
+            if loss is not None:
+                mean, _maximum, last, count = loss
+                self.summaries.add_losses(mean, last, count)
+                if self.summaries.perplexity:
+                    self._set_values({"train.perplexity": safe_exp(mean)}, sink)
+            if "perf" in job.due:
+                self._record_step_durations(job.durations or [])
+                summaries = self.summaries
+                rates = self._rates.derive(
+                    step=job.step,
+                    now=job.now,
+                    tokens=summaries.tokens_total,
+                    samples=summaries.samples_total,
+                )
+                self._set_values(rates, sink)
+            if sink.nonfinite:
+                self.training.nonfinite.add(sink.nonfinite)
+            self.training.global_step.set(job.step)
+            direct = streams.metrics_for(job.due, job.time_nanos)
+        sdk_due = not self._registry.sdk_groups.isdisjoint(job.due)
+        self.reader.export_groups(job.due, direct, collect_sdk=sdk_due)
 
     def _apply(self, resolved: list[tuple[Any, Any, Any]]) -> RecordSink:
         sink = RecordSink(self.reader.nonfinite)
@@ -321,6 +404,10 @@ class Telemetry:
 
     def _flush_step_durations(self) -> None:
         durations, self._step_durations = self._step_durations, []
+        with self._registry.streams.lock:
+            self._record_step_durations(durations)
+
+    def _record_step_durations(self, durations: list[float]) -> None:
         record = self.training.step_time.record
         for duration in durations:
             record(duration)
@@ -336,10 +423,15 @@ class Telemetry:
                 sink.set_gauge(instrument.sdk, name, None, value)
 
     def _export_event(self, group: str, sink: RecordSink) -> None:
-        if sink.nonfinite:
-            self.training.nonfinite.add(sink.nonfinite)
-        self.training.global_step.set(self._last_step)
-        self.reader.export_groups(frozenset({group}))
+        groups = frozenset({group})
+        streams = self._registry.streams
+        with streams.lock:
+            if sink.nonfinite:
+                self.training.nonfinite.add(sink.nonfinite)
+            self.training.global_step.set(self._last_step)
+            direct = streams.metrics_for(groups, time_ns())
+        sdk_due = group in self._registry.sdk_groups
+        self.reader.export_groups(groups, direct, collect_sdk=sdk_due)
 
     # -- helpers --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -392,6 +484,7 @@ class Telemetry:
         parent's threads may have held at the fork."""
         self._lock = threading.RLock()
         self._busy_thread = None
+        self._pending = None  # the parent's copy in flight: not the child's to export
         self._closed = True
         self.training.enabled = False
 

@@ -8,7 +8,7 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
 from otel_train.naming import KeyNamer
-from otel_train.rows import MetricRow, RowBuilder
+from otel_train.rows import MetricRow, RowBuilder, shared_row
 from otel_train.run_context import RunContext
 
 
@@ -17,6 +17,8 @@ class CapturingExporter(MetricExporter):
 
     Pass it in `setup(exporters=[CapturingExporter()])`, call `tel.flush()`, read `.rows`.
     """
+
+    shares_rows = True  # the step-sampled reader builds each batch's row once for all
 
     def __init__(self, namer: KeyNamer | None = None) -> None:
         super().__init__()
@@ -32,7 +34,7 @@ class CapturingExporter(MetricExporter):
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        row = self._builder.build(metrics_data)
+        row = shared_row(metrics_data, self._builder)
         with self._lock:
             self.batches.append(metrics_data)
             self.rows.append(row)
