@@ -1,10 +1,16 @@
 """Per-step cost of the hot path, measured side by side in one process.
 
-(a) otel-train `record()` + `step()` on non-sampled steps (numbers, and CPU tensors);
-(a') the same with default intervals, sampled steps included (amortised);
-(b) the same values recorded straight into OTel SDK instruments every step;
-(c) `wandb.log` of the same keys every step, offline (if wandb is installed).
-Rounds are interleaved (a, b, c, a, b, c, ...) and the median per-step time is reported.
+(a)  otel-train `record()` + `step()` on non-sampled steps (numbers, and CPU tensors);
+(s)  the same, a sampled step (train + perf + health due), median of the step() calls,
+     with JSON lines + Prometheus + W&B (offline) exporters on;
+(a') default intervals (train 10, perf 20), sampled steps included (amortised), with the
+     same three exporters on: loop time / steps, export threads' GIL use included;
+(b)  the same values recorded straight into OTel SDK instruments every step;
+(c)  `wandb.log` of the same keys every step, offline (if wandb is installed).
+Rounds are interleaved (a, s, a', b, c, a, ...) and the median of the rounds is reported, with
+ratios to (b). Then, per exporter: CPU its export thread spends per exported batch (all of
+it competes with the training thread for the GIL), and the training thread's measured loss:
+a GIL-bound loop slowed by export threads working through the same batches.
 
     python benchmarks/hot_path.py [--steps 20000] [--rounds 5]
 """
@@ -14,9 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -25,20 +37,30 @@ import otel_train
 from otel_train.testing import CapturingExporter
 
 NEVER = 10**12
+EXPORTERS = ("jsonl", "prometheus", "wandb")
 
 
-def bench_otel_train(steps: int, *, tensors: bool, sampled: bool) -> float:
-    intervals = None if sampled else {"train": NEVER, "perf": NEVER, "gpu": NEVER}
+def _setup(directory: str, exporters: Any, intervals: Any) -> otel_train.Telemetry:
+    os.environ.setdefault("OTEL_TRAIN_PROMETHEUS_PORT", "0")  # a free port, never a clash
+    return otel_train.setup(
+        run="bench", output_dir=directory, exporters=exporters, intervals=intervals,
+        handle_signals=False,
+    )  # fmt: skip
+
+
+def _values(tensors: bool) -> tuple[Any, Any]:
+    if not tensors:
+        return 2.5, 1.25
+    import torch
+
+    return torch.tensor(2.5), torch.tensor(1.25)
+
+
+def bench_non_sampled(steps: int, *, tensors: bool) -> float:
+    intervals = {"train": NEVER, "perf": NEVER, "gpu": NEVER}
     with tempfile.TemporaryDirectory() as directory:
-        tel = otel_train.setup(
-            run="bench", output_dir=directory, exporters=[CapturingExporter()], intervals=intervals
-        )
-        if tensors:
-            import torch
-
-            loss, grad_norm = torch.tensor(2.5), torch.tensor(1.25)
-        else:
-            loss, grad_norm = 2.5, 1.25
+        tel = _setup(directory, [CapturingExporter()], intervals)
+        loss, grad_norm = _values(tensors)
         record, step = tel.training.record, tel.step
         started = time.perf_counter()
         for n in range(1, steps + 1):
@@ -46,6 +68,47 @@ def bench_otel_train(steps: int, *, tensors: bool, sampled: bool) -> float:
                 loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048, samples=8, epoch=0
             )
             step(n)
+        elapsed = time.perf_counter() - started
+        tel.shutdown()
+    return elapsed / steps
+
+
+def bench_sampled_step(steps: int) -> float:
+    """Median step() of sampled steps (train, perf and health due at once, every 20th
+    step), all exporters on, on the training thread."""
+    with tempfile.TemporaryDirectory() as directory:
+        tel = _setup(directory, EXPORTERS, {"train": 20, "perf": 20, "gpu": NEVER})
+        loss, grad_norm = _values(True)
+        record, step = tel.training.record, tel.step
+        sampled: list[float] = []
+        clock = time.perf_counter
+        for n in range(1, steps + 1):
+            record(
+                loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048, samples=8, epoch=0
+            )
+            if n % 20 == 0:
+                tel.flush()  # export threads idle: their GIL use is measured on its own below
+                started = clock()
+                step(n)
+                sampled.append(clock() - started)
+            else:
+                step(n)
+        tel.shutdown()
+    return statistics.median(sampled[5:])
+
+
+def bench_default_intervals(steps: int, *, exporters: Any = EXPORTERS) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+        tel = _setup(directory, exporters, None)
+        loss, grad_norm = _values(True)
+        record, step = tel.training.record, tel.step
+        started = time.perf_counter()
+        for n in range(1, steps + 1):
+            record(
+                loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048, samples=8, epoch=0
+            )
+            step(n)
+        tel.flush()  # the export threads' work that lagged behind belongs to this loop
         elapsed = time.perf_counter() - started
         tel.shutdown()
     return elapsed / steps
@@ -103,20 +166,76 @@ def make_wandb_bench() -> Callable[[int], float] | None:
     return bench
 
 
+# -- what the export threads take from the training thread ------------------------------------
+def _thread_cpu(thread: threading.Thread) -> float:
+    if thread.ident is None:
+        return 0.0
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def _gil_bound_work(seconds: float) -> int:
+    """Pure-Python work for about `seconds`: holds the GIL like a loop launching kernels."""
+    deadline, spins = time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline:
+        for _ in range(100):
+            spins += 1
+    return spins
+
+
+def measure_export_threads(batches: int = 300) -> dict[str, Any]:
+    """Every step sampled (train + perf), each followed by 2 ms of GIL-bound work: CPU per
+    batch of each export thread, and how much of that work the training thread lost."""
+    with tempfile.TemporaryDirectory() as directory:
+        tel = _setup(directory, EXPORTERS, {"train": 1, "perf": 1, "gpu": NEVER})
+        loss, grad_norm = _values(True)
+        workers = {worker.name: worker for worker in tel.reader.exporters}
+        for n in range(1, 51):  # warm up: W&B started, first exports done
+            tel.training.record(loss=loss, tokens=2048, samples=8)
+            tel.step(n)
+        tel.flush()
+        before = {name: (_thread_cpu(w._thread), w.exported) for name, w in workers.items()}
+        alone = _gil_bound_work(0.2)  # the same work with idle export threads, for scale
+        spins, started = 0, time.perf_counter()
+        for n in range(51, 51 + batches):
+            tel.training.record(loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048,
+                                samples=8, epoch=0)  # fmt: skip
+            tel.step(n)
+            spins += _gil_bound_work(0.002)
+        tel.flush()
+        elapsed = time.perf_counter() - started
+        per_batch = {
+            name: (_thread_cpu(w._thread) - before[name][0]) / max(1, w.exported - before[name][1])
+            for name, w in workers.items()
+        }
+        tel.shutdown()
+    expected = alone / 0.2 * elapsed  # spins the loop would have made without export threads
+    lost_seconds = max(0.0, (expected - spins) / (alone / 0.2))
+    return {"cpu_per_batch": per_batch, "lost_per_batch": lost_seconds / batches}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-threads", action="store_true", help="skip the GIL measurement")
     args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
     wandb_bench = make_wandb_bench()
+    steps = args.steps
     cases: dict[str, Callable[[], float]] = {
-        "(a) otel-train record+step, non-sampled, numbers": lambda: bench_otel_train(args.steps, tensors=False, sampled=False),
-        "(a) otel-train record+step, non-sampled, tensors": lambda: bench_otel_train(args.steps, tensors=True, sampled=False),
-        "(a') otel-train, default intervals (amortised)": lambda: bench_otel_train(args.steps, tensors=True, sampled=True),
-        "(b) OTel SDK instruments directly, every step": lambda: bench_sdk_direct(args.steps),
-    }  # fmt: skip
+        "(a) non-sampled step, numbers": lambda: bench_non_sampled(steps, tensors=False),
+        "(a) non-sampled step, tensors": lambda: bench_non_sampled(steps, tensors=True),
+        "(s) sampled step, 3 exporters": lambda: bench_sampled_step(steps),
+        "(a') default intervals, amortised, 3 exporters": lambda: bench_default_intervals(steps),
+        "(a') default intervals, amortised, capture only": lambda: bench_default_intervals(
+            steps, exporters=[CapturingExporter()]
+        ),
+        "(b) OTel SDK instruments, every step": lambda: bench_sdk_direct(steps),
+    }
     if wandb_bench is not None:
-        wandb_steps = max(500, args.steps // 20)
+        wandb_steps = max(500, steps // 20)
         cases["(c) wandb.log every step, offline"] = lambda: wandb_bench(wandb_steps)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
@@ -124,12 +243,24 @@ def main() -> None:
             samples[name].append(run())
     if wandb_bench is not None:
         wandb_bench.finish()  # type: ignore[attr-defined]
-    baseline = statistics.median(samples["(a) otel-train record+step, non-sampled, numbers"])
-    print(f"{'case':52s} {'median us/step':>15s} {'x (a, numbers)':>15s}")
+    sdk = statistics.median(samples["(b) OTel SDK instruments, every step"])
+    print(f"{'case':50s} {'median us':>10s} {'x (b)':>7s} {'spread us':>12s}")
     for name, values in samples.items():
         median = statistics.median(values)
-        print(f"{name:52s} {median * 1e6:15.2f} {median / baseline:15.1f}")
-    print(f"machine: {os.cpu_count()} CPUs; steps per round {args.steps}, rounds {args.rounds}")
+        spread = f"{min(values) * 1e6:.1f}-{max(values) * 1e6:.1f}"
+        print(f"{name:50s} {median * 1e6:10.2f} {median / sdk:7.3f} {spread:>12s}")
+    print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; steps per round "
+          f"{steps}, rounds {args.rounds}")  # fmt: skip
+    if args.skip_threads:
+        return
+    threads = measure_export_threads()
+    print("export threads, every step sampled (train+perf), 2 ms GIL-bound work per step:")
+    for name, seconds in sorted(threads["cpu_per_batch"].items()):
+        print(f"  {name:12s} export thread CPU per batch {seconds * 1e6:8.1f} us")
+    lost = threads["lost_per_batch"] * 1e6
+    print(
+        f"  training thread time lost per sampled step (its own record+step included): {lost:.1f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,12 @@ def row_to_json(row: MetricRow, *, run: str, stage: str, rank: int) -> str:
     }
     if row.nonfinite:
         record["nonfinite"] = {key: _spell(row.values[key]) for key in row.nonfinite}
-    return json.dumps(record, allow_nan=False, separators=(",", ":"))
+    return _ENCODER.encode(record)
+
+
+# One encoder for every line (json.dumps builds a new one per call when given options): the
+# same C encoder, the same bytes. allow_nan=False: a bare NaN can never reach the file.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
 def _spell(value: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ _logger = logging.getLogger("otel_train.reduction")
 # From the catalog: "mean" reductions (loss, lr, grad norm, epoch), "sum" ones (tokens, ...).
 GAUGE_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "mean")
 COUNTER_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "sum")
+REDUCED = frozenset((*GAUGE_SLOTS, *COUNTER_SLOTS))
 
 
 @dataclass(slots=True)
@@ -49,13 +51,14 @@ class CrossRankReducer:
         dist = torch.distributed
         return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
-    def start(self, owners: list[tuple[Any, Any, Any]]) -> InFlight | None:
-        """Issue this sampled step's all_reduce on the detached slots' interval values,
-        packed where they live (no device sync). None when not distributed or on failure."""
+    def start(self, interval_values: Mapping[str, Any]) -> InFlight | None:
+        """Issue this sampled step's all_reduce on the standard instruments' interval values
+        (numbers, or 0-dim tensors where they live: no device sync). None when not
+        distributed or on failure."""
         if not self.active():
             return None
         try:
-            return self._start(owners)
+            return self._start(interval_values)
         except Exception as error:  # a broken group must not take the training loop down
             self._warn(error)
             return None
@@ -74,22 +77,19 @@ class CrossRankReducer:
         local = _local(taken)
         return _merged(taken, local, unpack(summed, local))
 
-    def _start(self, owners: list[tuple[Any, Any, Any]]) -> InFlight:
+    def _start(self, interval_values: Mapping[str, Any]) -> InFlight:
         import torch
         import torch.distributed as dist
 
         device = torch.device("cpu")
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        slots = {inst.staged_name: slot for inst, key, slot in owners if key is None}
         terms: list[Any] = []
         for name in GAUGE_SLOTS:
-            slot = slots.get(name)
-            value = slot.interval_value() if slot is not None else None
+            value = interval_values.get(name)
             terms += [0.0, 0.0] if value is None else [value, 1.0]
         for name in COUNTER_SLOTS:
-            slot = slots.get(name)
-            terms.append(slot.interval_value() if slot is not None else 0.0)
+            terms.append(interval_values.get(name, 0.0))
         vector = _packed_on(device, terms)
         work = dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True)
         self.reductions += 1

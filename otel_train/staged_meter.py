@@ -480,28 +480,51 @@ class StagingRegistry:
         return self.begin_take(groups).finish()
 
     def begin_take(
-        self, groups: frozenset[str] | set[str], also: Sequence[StagedInstrument] = ()
+        self,
+        groups: frozenset[str] | set[str],
+        also: Sequence[StagedInstrument] = (),
+        *,
+        interval_values_of: frozenset[str] = frozenset(),
     ) -> TakenValues:
         """Start resolving every pending slot of `groups` (and of `also`): the slots start a
-        new interval at once, their values travel to the host in one copy per device."""
+        new interval at once; host numbers are resolved now, tensors travel to the host in
+        one copy per device. `interval_values_of`: instruments whose interval value (a
+        number or a 0-dim tensor, still on its device) the cross-rank reduction needs."""
         instruments = [i for group in groups for i in self.by_group.get(group, ())]
         instruments.extend(i for i in also if i not in instruments)
+        done: list[tuple[StagedInstrument, Any, Any]] = []
         owners: list[tuple[StagedInstrument, AttributeKey, Any]] = []
+        requests: list[list[Any]] = []
+        interval_values: dict[str, Any] = {}
         for instrument in instruments:
             for key, slot in instrument.slots.items():
-                if slot.pending():
+                if not slot.pending():
+                    continue
+                if key is None and instrument.staged_name in interval_values_of:
+                    interval_values[instrument.staged_name] = slot.interval_value()
+                tensors = slot.tensors()
+                if tensors:
                     owners.append((instrument, key, slot.detach()))
-        return TakenValues(owners, self.transfer.start([slot.tensors() for _, _, slot in owners]))
+                    requests.append(tensors)
+                else:
+                    done.append((instrument, key, slot.take(())))
+        return TakenValues(done, owners, self.transfer.start(requests), interval_values)
 
 
 class TakenValues:
     """The detached interval of some slots, and their values on their way to the host."""
 
     def __init__(
-        self, owners: list[tuple[StagedInstrument, AttributeKey, Any]], pending: PendingValues
+        self,
+        done: list[tuple[StagedInstrument, Any, Any]],
+        owners: list[tuple[StagedInstrument, AttributeKey, Any]],
+        pending: PendingValues,
+        interval_values: dict[str, Any],
     ) -> None:
+        self.done = done  # slots that held host numbers only: resolved already
         self.owners = owners
         self.pending = pending
+        self.interval_values = interval_values
 
     def ready(self) -> bool:
         return self.pending.ready()
@@ -509,7 +532,7 @@ class TakenValues:
     def finish(self) -> list[tuple[StagedInstrument, Any, Any]]:
         """(instrument, attribute key, interval value) per slot; waits for the copy if needed."""
         values = self.pending.values()
-        return [
+        return self.done + [
             (instrument, key, slot.take(resolved))
             for (instrument, key, slot), resolved in zip(self.owners, values, strict=True)
         ]

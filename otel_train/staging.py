@@ -23,6 +23,10 @@ FOLD_AT = 256
 FOLD_HISTOGRAM_AT = 4096
 
 
+# Types seen to be tensors: the hot path asks a dict, not three hasattr calls.
+_TENSOR_TYPES: dict[type, bool] = {}
+
+
 def is_tensor(value: object) -> bool:
     return hasattr(value, "detach") and hasattr(value, "device") and hasattr(value, "numel")
 
@@ -35,9 +39,12 @@ def stage_value(name: str, value: Any) -> Any:
     kind = type(value)
     if kind is float:
         return value
+    if kind in _TENSOR_TYPES:
+        return _stage_tensor(name, value)
     if kind is int:
         return _int_to_float(name, value)
     if is_tensor(value):
+        _TENSOR_TYPES[kind] = True
         return _stage_tensor(name, value)
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise OtelTrainError(
@@ -77,8 +84,7 @@ def _stage_tensor(name: str, tensor: Any) -> Any:
             "(e.g. loss.detach() or tensor.sum()), not a batch of values "
             "(per-sample values with group labels: tel.record_by_group)"
         )
-    device_type = getattr(tensor.device, "type", "")
-    if device_type == "meta":
+    if getattr(tensor, "is_meta", False):
         raise OtelTrainError(
             f"{name} got a meta-device tensor, which holds no value; record a tensor on a real "
             "device (cpu, cuda, ...)"
@@ -116,6 +122,13 @@ class SumSlot(Detachable):
     def __init__(self) -> None:
         self.host = 0.0
         self.parts: list[Any] = []
+
+    def detach(self) -> SumSlot:
+        twin = object.__new__(SumSlot)
+        for name in SumSlot.__slots__:
+            object.__setattr__(twin, name, getattr(self, name))
+        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
+        return twin
 
     def add(self, value: Any) -> None:
         if type(value) is float:
@@ -155,6 +168,13 @@ class LastSlot(Detachable):
     def __init__(self) -> None:
         self.value: Any = None
 
+    def detach(self) -> LastSlot:
+        twin = object.__new__(LastSlot)
+        for name in LastSlot.__slots__:
+            object.__setattr__(twin, name, getattr(self, name))
+        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
+        return twin
+
     def add(self, value: Any) -> None:
         self.value = value
 
@@ -190,6 +210,13 @@ class MeanSlot(Detachable):
         self.parts: list[Any] = []
         self.folded: list[tuple[Any, Any, int]] = []  # (sum, max, n) on the device
         self.count = 0
+
+    def detach(self) -> MeanSlot:
+        twin = object.__new__(MeanSlot)
+        for name in MeanSlot.__slots__:
+            object.__setattr__(twin, name, getattr(self, name))
+        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
+        return twin
 
     def add(self, value: Any) -> None:
         self.count += 1
@@ -254,6 +281,13 @@ class HistogramSlot(Detachable):
         self.host: list[float] = []
         self.parts: list[Any] = []
         self.size = 0
+
+    def detach(self) -> HistogramSlot:
+        twin = object.__new__(HistogramSlot)
+        for name in HistogramSlot.__slots__:
+            object.__setattr__(twin, name, getattr(self, name))
+        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
+        return twin
 
     def add(self, value: Any) -> None:
         if type(value) is float:
@@ -338,10 +372,10 @@ class PendingValues:
 class DeviceTransfer:
     """One device->host copy per device for a list of requests (each a list of tensors).
 
-    Every tensor is flattened and widened to float64 (float32 on MPS, which has no float64) on
-    its own device and concatenated per device. CUDA: copied with `non_blocking=True` into
-    pinned host memory and an event recorded, never a blocking sync. CPU: the concatenation
-    is the copy, ready at once. Other devices: one `tolist()` when the values are asked for.
+    The tensors of a device are packed into one vector on that device (`_packed`). CUDA:
+    copied with `non_blocking=True` into pinned host memory and an event recorded, never a
+    blocking sync. CPU: the packed vector is the copy, ready at once. Other devices: one
+    `tolist()` when the values are asked for.
     """
 
     def start(self, requests: Sequence[Sequence[Any]]) -> PendingValues:
@@ -356,13 +390,12 @@ class DeviceTransfer:
         copies = []
         for device, items in by_device.items():
             kind = getattr(device, "type", "")
-            dtype = torch.float32 if kind == "mps" else torch.float64
-            flat = [_flat(tensor, dtype) for _, tensor in items]
-            packed = torch.cat(flat)  # a new tensor: the values as of now, whatever comes next
-            sizes = [(index, piece.numel()) for (index, _), piece in zip(items, flat, strict=True)]
+            tensors = [tensor for _, tensor in items]
+            packed, counts = _packed(torch, tensors, kind)
+            sizes = [(index, count) for (index, _), count in zip(items, counts, strict=True)]
             event = None
             if kind == "cuda":
-                host = torch.empty(packed.shape, dtype=dtype, pin_memory=True)
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
                 host.copy_(packed, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))
@@ -371,13 +404,22 @@ class DeviceTransfer:
         return PendingValues(len(requests), copies)
 
 
-def _flat(tensor: Any, dtype: Any) -> Any:
-    """1-D, `dtype`, no autograd graph: only the calls that change something (each costs us)."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.dim() != 1:
-        tensor = tensor.reshape(-1)
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+def _packed(torch: Any, tensors: list[Any], kind: str) -> tuple[Any, list[int]]:
+    """One new tensor holding every value (as of now, whatever comes next) and the element
+    count of each input, with as few torch calls as possible (each costs microseconds).
+
+    One floating dtype: kept as is (float32 -> Python float is exact). Mixed or integer
+    dtypes: widened to float64 (float32 on MPS), so every value reads back as a float.
+    """
+    dtype = tensors[0].dtype
+    if dtype.is_floating_point and all(t.dtype == dtype for t in tensors):
+        if all(t.dim() == 0 for t in tensors):
+            return torch.stack(tensors), [1] * len(tensors)
+        flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
+        return torch.cat(flat), [t.numel() for t in flat]
+    wide = torch.float32 if kind == "mps" else torch.float64
+    flat = [t.reshape(-1).to(wide) for t in tensors]
+    return torch.cat(flat), [t.numel() for t in flat]
 
 
 _DEFAULT_TRANSFER = DeviceTransfer()

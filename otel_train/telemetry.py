@@ -29,7 +29,7 @@ from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
 from otel_train.rates import RateTracker, ThroughputSettings
 from otel_train.reader import StepSampledReader
-from otel_train.reduction import CrossRankReducer
+from otel_train.reduction import REDUCED, CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
 from otel_train.series import StreamSet
@@ -335,13 +335,13 @@ class Telemetry:
         # Rates need this interval's tokens and samples; cumulative counters lose nothing by
         # being resolved early (they are exported with the train group).
         also = self._counters if "perf" in due and "train" not in due else ()
-        taken = self._registry.begin_take(due, also)  # one device->host transfer per device
         # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
         # event, where a peer may already be gone and a collective would hang. Issued now,
         # at the sampled step, on every rank alike; awaited with the transfer.
-        reduction = None
-        if across_ranks and self._reducer is not None:
-            reduction = self._reducer.start(taken.owners)
+        reducer = self._reducer if across_ranks and self._reducer is not None else None
+        reduced = REDUCED if reducer is not None and reducer.active() else frozenset()
+        taken = self._registry.begin_take(due, also, interval_values_of=reduced)
+        reduction = reducer.start(taken.interval_values) if reduced and reducer else None
         durations = None
         if "perf" in due:
             durations, self._step_durations = self._step_durations, []
