@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"batch {args.batch}, {args.groups} groups, {args.steps} steps x {args.rounds} rounds")
     print("| loop | median us/step | ratio to record_by_group | host syncs / step |")
     print("| --- | --- | --- | --- |")
-    print(f"| per-sample .item() loop | {hand_us:.1f} | {hand_us / staged_us:.1f} | {2 * args.batch} |")
+    print(
+        f"| per-sample .item() loop | {hand_us:.1f} | {hand_us / staged_us:.1f} | {2 * args.batch} |"
+    )
     print(f"| tel.record_by_group | {staged_us:.1f} | 1.0 | 0 (1 per sampled step) |")
 
 
