@@ -194,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
         intervals=parse_intervals(args.intervals),
         total_steps=args.steps,
         config={"model": "tiny-gpt", **asdict(config), "lr": peak_lr, "seed": args.seed},
-        model=model,  # FLOPs per token: 6N + attention term, from the model's config
+        model=model,
         seq_len=config.seq_len,
+        # The demo trains plainly whatever --stage says: 6N + 12LHT, no reference forward.
+        flops_per_token=otel_train.flops_per_token(model, seq_len=config.seq_len),
         peak_flops=peak_flops,
     ) as tel:
         progress = Progress(
