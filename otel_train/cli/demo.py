@@ -209,9 +209,10 @@ def run(args: argparse.Namespace) -> int:
     peak_lr = 3e-3
     console.print(
         f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
-        f"on {device.type}; measuring the device's matmul peak for MFU..."
+        f"on {device.type}; finding the device's matmul peak for MFU..."
     )
-    peak_flops = tiny_gpt.measure_peak_flops_isolated(device)
+    peak_flops, peak_source = tiny_gpt.demo_peak_flops(device)
+    console.print(f"MFU denominator: {peak_flops / 1e9:,.0f} GFLOP/s ({peak_source})")
     latest = LatestValuesExporter()
     train_bytes = len(sampler.train_data)
 
@@ -223,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
         intervals=intervals,
         total_steps=args.steps,
         config={"model": "tiny-gpt", **asdict(config), "lr": peak_lr, "seed": args.seed},
-        model=model,  # FLOPs per token: 6N + attention term, from the model's config
+        model=model,
         seq_len=config.seq_len,
+        # The demo trains plainly whatever --stage says: 6N + 12LHT, no reference forward.
+        flops_per_token=otel_train.flops_per_token(model, seq_len=config.seq_len),
         peak_flops=peak_flops,
     ) as tel:
         progress = Progress(
