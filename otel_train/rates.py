@@ -102,9 +102,11 @@ class RateTracker:
         tokens: float,
         samples: float,
         generation_tokens: float = 0.0,
+        ranks: int = 1,
     ) -> dict[str, float]:
         """Rates of the interval since the last call; `tokens`, `samples`,
-        `generation_tokens` are the run's recorded totals."""
+        `generation_tokens` are the run's recorded totals; `ranks`: how many ranks' work the
+        totals hold (the cross-rank sum on rank 0), so MFU divides by that many peaks."""
         elapsed = now - self._last_time
         steps = step - self._last_step
         if elapsed <= 0 or steps <= 0:
@@ -126,7 +128,7 @@ class RateTracker:
             self._warn_once("tokens", _NO_TOKENS)
         else:
             rates["perf.tokens_per_second"] = new_tokens / elapsed
-            self._derive_flops(rates, elapsed, generation_tokens)
+            self._derive_flops(rates, elapsed, generation_tokens, ranks)
         self._steps_counted += steps
         self.rebase(
             time=now,
@@ -137,7 +139,9 @@ class RateTracker:
         )
         return rates
 
-    def _derive_flops(self, rates: dict[str, float], elapsed: float, generated: float) -> None:
+    def _derive_flops(
+        self, rates: dict[str, float], elapsed: float, generated: float, ranks: int
+    ) -> None:
         settings = self.settings
         if not settings.flops_per_token:
             return
@@ -151,7 +155,7 @@ class RateTracker:
         rates["perf.flops_per_second"] = achieved
         if not settings.peak_flops:
             return
-        utilisation = achieved / settings.peak_flops
+        utilisation = achieved / (settings.peak_flops * ranks)
         if utilisation <= 1.0 and not self._mfu_off:
             rates["perf.mfu"] = utilisation
             self._mfu_exported = True

@@ -302,6 +302,7 @@ class Telemetry:
                 tokens=summaries.tokens_total,
                 samples=summaries.samples_total,
                 generation_tokens=self._generation_tokens_total,
+                ranks=self._reducer.ranks_in_values if self._reducer is not None else 1,
             )
             self._set_values(rates, sink)
         if sink.nonfinite:

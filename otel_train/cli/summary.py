@@ -81,6 +81,8 @@ def summarize(run: RunRecord) -> dict[str, float | None]:
 def format_value(line: SummaryLine, value: float | None) -> str:
     if value is None:
         return "n/a"
+    if line.key == "final_loss" and not math.isfinite(value):
+        return f"{value} (diverged)"  # a NaN final loss is news, never a number to skim past
     if not math.isfinite(value):
         return str(value)
     return line.fmt.format(value)
