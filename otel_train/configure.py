@@ -35,6 +35,11 @@ from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext, output_dir_from
 from otel_train.sampling import GroupIndex, SamplingView, parse_intervals, resolve_views
 from otel_train.signals import install_signal_flush
+from otel_train.system_metrics import (
+    SystemMetricsOption,
+    register_system_metrics,
+    resolve_system_metrics_config,
+)
 from otel_train.telemetry import Telemetry
 from otel_train.throughput import resolve_throughput_settings
 
@@ -73,6 +78,7 @@ def setup(
     dtype: Any = None,
     measure_flops: bool | int = False,
     gpu_metrics: bool = True,
+    system_metrics: SystemMetricsOption = True,
     key_overrides: Mapping[str, str | KeySpec | tuple[KeySpec, ...]] | None = None,
     key_preset: str = "default",
     resume: bool = False,
@@ -99,6 +105,10 @@ def setup(
     (FLOP/s of this rank's devices, or a device name) or `dtype=` gives the peak;
     `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch.
     `measure_flops=True` counts one step's FLOPs with torch (an int N: every N steps, costly).
+
+    `system_metrics`: process and host metrics (CPU, RSS, disk and network I/O) from
+    opentelemetry-instrumentation-system-metrics with the gpu group; a mapping picks the
+    metrics (that package's config format), False turns them off.
     """
     env = os.environ
     run_name = run or env.get("OTEL_TRAIN_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
@@ -144,6 +154,7 @@ def setup(
     )
     if measure_flops and model is None:
         raise OtelTrainError("measure_flops=True needs model= (the module whose step is counted)")
+    system_config = resolve_system_metrics_config(system_metrics, local_rank=context.local_rank)
     reader = StepSampledReader(groups, max_queue_batches=max_queue_batches)
     pull_readers: list[MetricReader] = []
     push_exporters: list[tuple[str, MetricExporter]] = []
@@ -194,7 +205,11 @@ def setup(
         else None,
     )
     if gpu_metrics:
-        register_gpu_metrics(telemetry)
+        # Energy per token pairs this rank's GPU energy with this rank's tokens; reduced
+        # (global) tokens on rank 0 would divide by the wrong count.
+        register_gpu_metrics(telemetry, joules_per_token=not reduce_across_ranks)
+    if system_config is not None:
+        register_system_metrics(telemetry, system_config)
     if measure_flops:
         every = None if measure_flops is True else int(measure_flops)
         # Kept alive by the model's hook and the gauge's callback; nothing else holds it.

@@ -9,6 +9,7 @@ achieved FLOP/s = tokens/s x FLOPs per token (PaLM, Chowdhery et al. 2022, appen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +25,14 @@ class ThroughputSettings:
     tokens_per_sample: float | None = None
 
 
+class IntervalListener(Protocol):
+    """Told the tokens of each perf interval as it ends (e.g. GPU energy per token)."""
+
+    def interval_ended(self, tokens: float) -> None: ...
+
+    def interval_restarted(self) -> None: ...
+
+
 class RateTracker:
     """Remembers the last perf sample (step, time, totals) and derives rates from deltas."""
 
@@ -33,9 +42,15 @@ class RateTracker:
         self._last_step = start_step
         self._last_tokens = 0.0
         self._last_samples = 0.0
+        self.listeners: list[IntervalListener] = []
 
     def rebase(self, *, time: float, step: int, tokens: float, samples: float) -> None:
         """Start the next interval here (after a resume, or a pause the user excluded)."""
+        self._start_interval(time=time, step=step, tokens=tokens, samples=samples)
+        for listener in self.listeners:
+            listener.interval_restarted()
+
+    def _start_interval(self, *, time: float, step: int, tokens: float, samples: float) -> None:
         self._last_time, self._last_step = time, step
         self._last_tokens, self._last_samples = tokens, samples
 
@@ -50,6 +65,8 @@ class RateTracker:
             new_samples = steps * settings.samples_per_step
         if settings.samples_per_step and settings.tokens_per_sample and new_tokens == 0:
             new_tokens = new_samples * settings.tokens_per_sample
+        for listener in self.listeners:
+            listener.interval_ended(new_tokens)
         rates = {
             "perf.tokens_per_second": new_tokens / elapsed,
             "perf.samples_per_second": new_samples / elapsed,
@@ -63,5 +80,5 @@ class RateTracker:
             rates["perf.flops_per_second"] = achieved
             if settings.peak_flops:
                 rates["perf.mfu"] = achieved / settings.peak_flops
-        self.rebase(time=now, step=step, tokens=tokens, samples=samples)
+        self._start_interval(time=now, step=step, tokens=tokens, samples=samples)
         return rates
