@@ -42,13 +42,16 @@ class EnergyPerToken:
         self._last = self._read()
         self.value: float | None = None
 
-    def _read(self) -> dict[int, float | None]:
-        return {index: self._nvml.energy_joules(index) for _, index in self._devices}
+    def _read(self, indices: Iterable[int] | None = None) -> dict[int, float | None]:
+        indices = [n for _, n in self._devices] if indices is None else indices
+        return {index: self._nvml.energy_joules(index) for index in indices}
 
     def interval_ended(self, tokens: float) -> None:
         try:
-            readings = self._read()
             in_use = [nvml for cuda, nvml in self._devices if self._cuda.memory_reserved(cuda) > 0]
+            # One NVML call per GPU in use (not per GPU visible); a GPU that comes into use
+            # has no reading from the interval's start, so that interval is left out.
+            readings = self._read(in_use)
         except Exception as error:  # never into the training loop
             _logger.debug("otel-train: %s not computed: %r", JOULES_PER_TOKEN, error)
             self.value = None

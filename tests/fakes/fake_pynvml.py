@@ -128,7 +128,8 @@ class FakeCuda:
 
     `nvml_devices`: the FakeDevices this process sees as cuda:0, cuda:1, ... (CUDA numbers
     devices its own way, e.g. under CUDA_VISIBLE_DEVICES), matched by UUID as on a real host.
-    The allocator holds memory on the current device only, as a one-GPU-per-rank job does.
+    The allocator holds memory on the current device only, as a one-GPU-per-rank job does,
+    unless `devices_in_use` says otherwise (one process spreading a model over several GPUs).
     """
 
     def __init__(
@@ -138,10 +139,12 @@ class FakeCuda:
         peak: int,
         device: int = 0,
         nvml_devices: Sequence[FakeDevice] = (),
+        devices_in_use: Sequence[int] | None = None,
     ) -> None:
         self.values = {"allocated": allocated, "reserved": reserved, "peak": peak}
         self.device = device
         self.nvml_devices = list(nvml_devices)
+        self.devices_in_use = set(devices_in_use if devices_in_use is not None else [device])
 
     def current_device(self) -> int:
         return self.device
@@ -158,10 +161,10 @@ class FakeCuda:
         return FakeDeviceProperties("NVIDIA H100 80GB HBM3", FakeCUuuid(str(uuid_module.uuid4())))
 
     def memory_allocated(self, device: int) -> int:
-        return self.values["allocated"] if device == self.device else 0
+        return self.values["allocated"] if device in self.devices_in_use else 0
 
     def memory_reserved(self, device: int) -> int:
-        return self.values["reserved"] if device == self.device else 0
+        return self.values["reserved"] if device in self.devices_in_use else 0
 
     def max_memory_allocated(self, device: int) -> int:
-        return self.values["peak"] if device == self.device else 0
+        return self.values["peak"] if device in self.devices_in_use else 0

@@ -96,6 +96,21 @@ def test_joules_per_token_is_this_gpus_energy_delta_over_the_token_delta(gpu_hos
     assert values[20] == pytest.approx(10.0 * 10 / (TOKENS_PER_STEP * 10))
 
 
+def test_one_process_on_two_gpus_counts_both_and_not_the_idle_third(monkeypatch, clock, tmp_path):
+    # e.g. device_map="auto" over cuda:0 and cuda:1; cuda:2 is visible but holds nothing.
+    devices = [FakeDevice(), FakeDevice(), FakeDevice()]
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(devices))
+    cuda = FakeCuda(GIB, GIB, GIB, nvml_devices=devices, devices_in_use=[0, 1])
+    monkeypatch.setattr(otel_train.gpu, "_load_cuda", lambda: cuda)
+    tel = otel_train.setup(
+        run="two", output_dir=tmp_path, exporters=("jsonl",), intervals={"perf": 10}, clock=clock
+    )
+    _steps(tel, clock, range(1, 11), devices, joules_per_step=(30.0, 20.0, 70.0))
+    tel.shutdown()
+    (row,) = [r["metrics"] for r in _rows(tmp_path) if r["step"] == 10]
+    assert row["perf/joules_per_token"] == pytest.approx((30.0 + 20.0) / TOKENS_PER_STEP)
+
+
 def test_joules_per_token_is_absent_never_zero_or_stale(gpu_host, clock, tmp_path):
     tel = otel_train.setup(
         run="absent",
