@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 _logger = logging.getLogger("otel_train.rates")
 
@@ -40,6 +41,14 @@ class RunTotals:
     samples: float | None
 
 
+class IntervalListener(Protocol):
+    """Told the tokens of each perf interval as it ends (e.g. GPU energy per token)."""
+
+    def interval_ended(self, tokens: float) -> None: ...
+
+    def interval_restarted(self) -> None: ...
+
+
 class RateTracker:
     """Remembers the last perf sample (step, time, totals) and derives rates from deltas.
 
@@ -59,6 +68,7 @@ class RateTracker:
         self._mfu_off = False  # set once an MFU above 1 showed the configuration is wrong
         self._mfu_exported = False
         self._warned: set[str] = set()
+        self.listeners: list[IntervalListener] = []
 
     def rebase(
         self,
@@ -70,6 +80,19 @@ class RateTracker:
         generation_tokens: float = 0.0,
     ) -> None:
         """Start the next interval here (after a resume, or a pause the user excluded)."""
+        self._start_interval(
+            time=time,
+            step=step,
+            tokens=tokens,
+            samples=samples,
+            generation_tokens=generation_tokens,
+        )
+        for listener in self.listeners:
+            listener.interval_restarted()
+
+    def _start_interval(
+        self, *, time: float, step: int, tokens: float, samples: float, generation_tokens: float
+    ) -> None:
         self._last_time, self._last_step = time, step
         self._last_tokens, self._last_samples = tokens, samples
         self._last_generation_tokens = generation_tokens
@@ -124,13 +147,15 @@ class RateTracker:
         if settings.total_steps is not None:
             remaining = max(0, settings.total_steps - step)
             rates["perf.eta"] = remaining / rates["perf.steps_per_second"]
+        for listener in self.listeners:
+            listener.interval_ended(new_tokens or 0.0)  # no token count: no per-token figure
         if new_tokens is None:
             self._warn_once("tokens", _NO_TOKENS)
         else:
             rates["perf.tokens_per_second"] = new_tokens / elapsed
             self._derive_flops(rates, elapsed, generation_tokens, ranks)
         self._steps_counted += steps
-        self.rebase(
+        self._start_interval(
             time=now,
             step=step,
             tokens=tokens,

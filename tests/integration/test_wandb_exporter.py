@@ -151,6 +151,9 @@ def test_offline_run_file_holds_sampled_rows_on_one_step_axis(
             expected |= EVAL_KEYS
         if step == 200:
             expected |= EPOCH_KEYS
+        if step % 50 == 0:  # the gpu group: process / host metrics (setup(system_metrics=True))
+            assert "process/memory_usage" in row, step
+            expected |= {k for k in user_keys(row) if k.startswith(("process/", "system/"))}
         assert user_keys(row) == expected, step
         assert row["train/global_step"] == step
         assert row["_step"] == step
