@@ -109,7 +109,9 @@ def test_non_finite_host_values_are_recorded_flagged_and_do_not_crash(telemetry_
     assert first["metrics"]["train/loss"] is None and first["metrics"]["train/grad_norm"] is None
     assert first["nonfinite"] == {
         "train/loss": "inf",
+        "train/loss_max": "inf",
         "train/grad_norm": "nan",
+        "train/grad_norm_max": "nan",
         "train/perplexity": "inf",
     }
     assert first["metrics"]["train/learning_rate"] == 1e-4

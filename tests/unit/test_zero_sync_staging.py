@@ -47,7 +47,9 @@ def test_non_sampled_steps_never_materialise_and_sampled_steps_once(telemetry_fa
     assert [n for s, n in enumerate(per_step, 1) if s not in sampled] == [0] * 36
     assert [n for s, n in enumerate(per_step, 1) if s in sampled] == [1, 1, 1, 1]
     tel.flush()
-    assert capture.values_of("train/loss") == [10.5, 20.5, 30.5, 40.5]
+    # train/loss is the mean of the interval's ten losses; train/loss_max its largest
+    assert capture.values_of("train/loss") == [6.0, 16.0, 26.0, 36.0]
+    assert capture.values_of("train/loss_max") == [10.5, 20.5, 30.5, 40.5]
     assert capture.values_of("train/num_input_tokens_seen") == [640, 1280, 1920, 2560]
     assert capture.values_of("train/samples")[-1] == 160
     assert capture.values_of("train/grad_norm")[-1] == 1.5
@@ -92,15 +94,15 @@ def test_non_finite_tensor_loss_is_exported_as_nan_and_counted(telemetry_factory
     tel.flush()
     losses = capture.values_of("train/loss")
     assert losses[0] == 1.25 and math.isnan(losses[1])
-    assert capture.rows[-1].nonfinite == ["train/loss", "train/perplexity"]
-    assert capture.values_of("train/nonfinite") == [2]
+    assert capture.rows[-1].nonfinite == ["train/loss", "train/loss_max", "train/perplexity"]
+    assert capture.values_of("train/nonfinite") == [3]
 
 
-def test_batch_tensor_is_rejected_with_a_clear_message(telemetry_factory):
+def test_batch_tensor_is_rejected_with_a_clear_message_when_recorded(telemetry_factory):
     tel = telemetry_factory(exporters=(), intervals={"train": 1})
-    tel.training.record(loss=torch.ones(4))
     with pytest.raises(otel_train_error(), match=r"0-dim tensor"):
-        tel.step(1)
+        tel.training.record(loss=torch.ones(4))
+    tel.step(1)  # nothing bad was staged: the sampled step is fine
 
 
 def otel_train_error():
@@ -111,9 +113,9 @@ def otel_train_error():
 
 def test_after_a_rejected_batch_tensor_the_next_steps_export(telemetry_factory, capture):
     tel = telemetry_factory(exporters=[capture], intervals={"train": 1})
-    tel.training.record(loss=torch.ones(4))
     with pytest.raises(otel_train_error()):
-        tel.step(1)
+        tel.training.record(loss=torch.ones(4))
+    tel.step(1)
     tel.training.record(loss=torch.tensor(0.5))
     tel.step(2)
     tel.flush()
