@@ -9,34 +9,20 @@ maps the keys trainers log onto these names; any other key keeps its own name.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-# Stand-in until otel_train/catalog.py lands (same fields, same meaning).
+from otel_train.catalog import CROSS_ENTROPY_STAGES, InstrumentSpec
 
-
-@dataclass(frozen=True, slots=True)
-class InstrumentSpec:
-    name: str
-    kind: str
-    unit: str
-    description: str
-    group: str
-    meaning: str
-    keyword: str | None = None
-    stages: tuple[str, ...] | None = None
-    summary: str | None = None
+_MEAN = "mean of every value recorded since the previous export (+ <key>_max)"
+PREFERENCE_STAGES = frozenset({"dpo"})
+RL_STAGES = frozenset({"ppo", "grpo", "rloo"})
 
 
-_MEAN = "mean of every value recorded in the interval"
-_SUM = "sum over the interval (exported cumulative)"
-# Stages whose loss is a token cross-entropy (perplexity has a meaning there).
-TOKEN_CROSS_ENTROPY_STAGES: tuple[str, ...] = ("pretrain", "sft")
-PREFERENCE_STAGES: tuple[str, ...] = ("dpo",)
-RL_STAGES: tuple[str, ...] = ("ppo", "grpo", "rloo")
-
-
-def _mean(name: str, description: str, stages: tuple[str, ...] | None, unit: str = "1") -> InstrumentSpec:
-    return InstrumentSpec(name, "mean", unit, description, "train", _MEAN, stages=stages)
+def _mean(
+    name: str, description: str, stages: frozenset[str] | None, unit: str = "1"
+) -> InstrumentSpec:
+    return InstrumentSpec(
+        name=name, kind="mean", unit=unit, description=description, meaning=_MEAN, stages=stages
+    )
 
 
 STAGE_INSTRUMENTS: tuple[InstrumentSpec, ...] = (
@@ -44,7 +30,7 @@ STAGE_INSTRUMENTS: tuple[InstrumentSpec, ...] = (
     _mean(
         "train.token_accuracy",
         "Fraction of next-token predictions equal to the label",
-        (*TOKEN_CROSS_ENTROPY_STAGES, *PREFERENCE_STAGES),
+        CROSS_ENTROPY_STAGES | PREFERENCE_STAGES,
     ),
     _mean("train.entropy", "Mean per-token entropy of the predicted distribution (nats)", None),
     # Preference optimisation (DPO and its relatives).
@@ -72,12 +58,11 @@ STAGE_INSTRUMENTS: tuple[InstrumentSpec, ...] = (
         unit="{token}",
     ),
     InstrumentSpec(
-        "train.generation_tokens",
-        "counter",
-        "{token}",
-        "Tokens generated for rollouts (completions), this rank's share",
-        "train",
-        _SUM,
+        name="train.generation_tokens",
+        kind="counter",
+        unit="{token}",
+        description="Tokens generated for rollouts (completions), this rank's share",
+        meaning="sum of every per-step amount (cumulative)",
         stages=RL_STAGES,
     ),
 )

@@ -12,20 +12,17 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from otel_train.catalog import STANDARD_INSTRUMENTS, instrument_names
+from otel_train.naming import KeyNamer, default_key
 from otel_train.stage_metrics import TRAINER_KEYS
 
 _NOT_NAME_CHARS = re.compile(r"[^a-z0-9_]+")
 
 # Standard instruments a logged key must not land on: `self.log("tokens", total)` is not a
 # per-step increment of train.tokens, `perplexity` is derived by otel-train itself.
-RESERVED_NAMES = frozenset(
-    {
-        "train.loss", "train.loss_max", "train.learning_rate", "train.grad_norm",
-        "train.grad_norm_max", "train.epoch", "train.global_step", "train.perplexity",
-        "train.tokens", "train.samples", "train.nonfinite", "eval.loss", "eval.perplexity",
-        "eval.best_perplexity",
-    }
-)  # fmt: skip
+RESERVED_NAMES = frozenset(instrument_names(STANDARD_INSTRUMENTS))
+# ... nor on one's exported key: `num_input_tokens_seen` is train.tokens' key.
+_RESERVED_KEYS = frozenset(KeyNamer().key(name) for name in RESERVED_NAMES)
 
 
 def instrument_name(key: str, group: str = "train") -> str:
@@ -35,7 +32,7 @@ def instrument_name(key: str, group: str = "train") -> str:
         return group + known[known.index(".") :]
     parts = [_NOT_NAME_CHARS.sub("_", part).strip("_") for part in re.split(r"[/.]", key.lower())]
     name = ".".join((group, *(part for part in parts if part)))
-    if name in RESERVED_NAMES or name == group:
+    if name in RESERVED_NAMES or name == group or default_key(name) in _RESERVED_KEYS:
         name = f"{group}.logged_{name[len(group) + 1 :] or 'value'}"
     return name
 

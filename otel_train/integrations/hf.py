@@ -21,6 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         'otel_train.integrations.hf needs transformers: pip install "otel-train[hf]"'
     ) from error
 
+from otel_train.catalog import CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError
 from otel_train.integrations._common import StepDriver, train_interval, warn_once
 from otel_train.integrations._keys import instrument_name, numeric_items
@@ -36,6 +37,9 @@ _STANDARD = {
     "grad_norm": "grad_norm",
     "epoch": "epoch",
 }
+# The Trainer's own throughput bookkeeping in training logs (include_num_input_tokens_seen):
+# tokens are counted from its state, rates and run time are perf/*.
+_TRAIN_BOOKKEEPING = frozenset({"num_input_tokens_seen", "train_runtime", "train_tokens_per_second"})
 # Keys of eval metrics that describe the evaluation run or repeat a training counter.
 _EVAL_BOOKKEEPING = frozenset(
     {
@@ -110,9 +114,10 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         logs = logs or {}
-        # Eval / predict logs and the end-of-training summary carry `<prefix>_runtime`; eval
-        # metrics arrive in on_evaluate, the summary is what final/* holds.
-        if not any(key.endswith("_runtime") for key in logs):
+        # Eval / predict logs carry `<prefix>_runtime` (their metrics arrive in on_evaluate);
+        # the end-of-training summary carries `total_flos` (final/* holds the run's totals).
+        evaluation = any(k.endswith("_runtime") and not k.startswith("train_") for k in logs)
+        if not evaluation and "total_flos" not in logs:
             self._record_train_log(logs, state)
         self._driver.advance()
 
@@ -164,6 +169,8 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
         for key, value in numeric_items(logs):
             if key in _STANDARD:
                 standard[_STANDARD[key]] = value
+            elif key in _TRAIN_BOOKKEEPING:
+                continue
             elif key == "num_tokens":
                 self._record_trl_tokens(float(value), standard)
             else:
@@ -212,16 +219,23 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
 
     def _check_stage(self, args: Any) -> None:
         stage = _STAGE_OF_ARGS.get(type(args).__name__)
-        if stage is not None and stage != self.telemetry.context.stage:
-            _logger.warning(
-                "otel-train: this trainer runs stage %r (%s) but setup(stage=%r): pass "
-                "setup(stage=%r) so its metrics are labelled with the stage they come from "
-                "and perplexity is derived only from a token cross-entropy loss.",
-                stage,
-                type(args).__name__,
-                self.telemetry.context.stage,
-                stage,
-            )
+        telemetry = self.telemetry
+        if stage is None or stage == telemetry.context.stage:
+            return
+        summaries = getattr(telemetry, "summaries", None)
+        derives = stage not in CROSS_ENTROPY_STAGES and getattr(summaries, "perplexity", False)
+        if derives:
+            # exp() of a DPO / GRPO loss is no perplexity: leave it out rather than show it.
+            summaries.perplexity = False  # type: ignore[union-attr]
+        _logger.warning(
+            "otel-train: this trainer runs stage %r (%s) but setup(stage=%r)%s. Pass "
+            "setup(stage=%r) so the run is labelled with the stage its metrics come from.",
+            stage,
+            type(args).__name__,
+            telemetry.context.stage,
+            "; perplexity is not derived from its loss" if derives else "",
+            stage,
+        )
 
 
 def _metric_prefix(metrics: Mapping[str, Any]) -> str:
