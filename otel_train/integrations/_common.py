@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
+
 class StepDriver:
     """Moves `tel.step()` for an adapter whose framework reports a step's values after the
     hook that ends it (HF's `on_log` after `on_step_end`, Lightning's loggers after
@@ -42,9 +43,7 @@ def train_interval(telemetry: Telemetry) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def warn_once(
-    logger: logging.Logger, seen: set[str], what: str, message: str, *args: Any
-) -> None:
+def warn_once(logger: logging.Logger, seen: set[str], what: str, message: str, *args: Any) -> None:
     """A problem inside a framework hook: logged once per adapter and kind, never raised."""
     if what not in seen:
         seen.add(what)

@@ -58,7 +58,9 @@ class DeepSpeedRecorder:
             )
         self._loss_sum: Any = None  # this optimizer step's micro-batch losses, on the device
         self._loss_count = 0
-        self._last_seen_step = int(engine.global_steps) if engine is not None else telemetry.last_step
+        self._last_seen_step = (
+            int(engine.global_steps) if engine is not None else telemetry.last_step
+        )
         meter, reader = telemetry.meter, telemetry.reader
         meter.create_observable_gauge(
             "train.loss_scale",

@@ -39,7 +39,9 @@ _STANDARD = {
 }
 # The Trainer's own throughput bookkeeping in training logs (include_num_input_tokens_seen):
 # tokens are counted from its state, rates and run time are perf/*.
-_TRAIN_BOOKKEEPING = frozenset({"num_input_tokens_seen", "train_runtime", "train_tokens_per_second"})
+_TRAIN_BOOKKEEPING = frozenset(
+    {"num_input_tokens_seen", "train_runtime", "train_tokens_per_second"}
+)
 # Keys of eval metrics that describe the evaluation run or repeat a training counter.
 _EVAL_BOOKKEEPING = frozenset(
     {
@@ -150,7 +152,13 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
         try:
             self.telemetry.evaluate(loss=loss, metrics=extra)
         except OtelTrainError as error:
-            warn_once(_logger, self._warned, "evaluate", "otel-train: eval metrics not recorded: %s", error)
+            warn_once(
+                _logger,
+                self._warned,
+                "evaluate",
+                "otel-train: eval metrics not recorded: %s",
+                error,
+            )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._driver.advance()
@@ -195,7 +203,13 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
         try:
             self.telemetry.record(values, **standard)
         except OtelTrainError as error:  # e.g. a key whose name collides with another
-            warn_once(_logger, self._warned, "record", "otel-train: trainer metrics not recorded: %s", error)
+            warn_once(
+                _logger,
+                self._warned,
+                "record",
+                "otel-train: trainer metrics not recorded: %s",
+                error,
+            )
 
     # -- checks, once at train begin --------------------------------------------------------
     def _check_logging_steps(self, args: Any, state: Any) -> None:

@@ -99,7 +99,9 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
         self._close()  # what was recorded up to the failure is exported
 
     # -- training -------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._advance()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -108,7 +110,7 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             if grads:
                 # Gradients are unscaled here and not clipped yet; a device tensor, staged.
-                values["grad_norm"] = torch.nn.utils.get_total_norm(grads, foreach=True)
+                values["grad_norm"] = _total_norm(grads)
         self._record({}, values)
 
     def on_train_batch_end(
@@ -322,6 +324,16 @@ def _loss_of(outputs: Any) -> Any:
     if isinstance(outputs, (int, float)) and not isinstance(outputs, bool):
         return float(outputs)
     return None
+
+
+def _total_norm(grads: list[Any]) -> Any:
+    """The global 2-norm as a device tensor (torch >= 2.6 has it public; else the same sum)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, foreach=True)
+    device = grads[0].device
+    norms = [torch.linalg.vector_norm(g.detach()).to(device) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _batch_size(batch: Any) -> int | None:

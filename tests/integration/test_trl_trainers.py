@@ -151,7 +151,9 @@ def _assert_eval_matches_train_keys(trainer, rows: list[dict], train_keys: set[s
     # One naming rule for train and eval: the trainer's own metrics carry the same names.
     standard = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen"}
     train_names = {k.removeprefix("train/") for k in train_keys} - standard
-    eval_names = {k.removeprefix("eval/") for row in exported.values() for k in row if k.startswith("eval/")}
+    eval_names = {
+        k.removeprefix("eval/") for row in exported.values() for k in row if k.startswith("eval/")
+    }
     assert eval_names - {"loss", "perplexity", "best_perplexity"} == train_names
 
 
@@ -184,7 +186,10 @@ def test_sft_trainer_metrics_exported_at_their_steps_with_perplexity(tmp_path):
     # A token cross-entropy: perplexity is meaningful and derived.
     assert {"train/perplexity", "eval/perplexity"} <= _all_keys(rows)
     # TRL counts tokens even without include_num_input_tokens_seen: throughput has them.
-    assert _train_rows(rows)[4]["train/num_input_tokens_seen"] == _train_logs(trainer)[-1]["num_tokens"]
+    assert (
+        _train_rows(rows)[4]["train/num_input_tokens_seen"]
+        == _train_logs(trainer)[-1]["num_tokens"]
+    )
     # The epoch stays fractional: 4 steps of an 8-step epoch end at 0.5, not round(0.5) = 0.
     epochs = [row["metrics"]["epoch/number"] for row in rows if "epoch/number" in row["metrics"]]
     assert epochs == [pytest.approx(trainer.state.epoch)] == [pytest.approx(0.5)]
@@ -194,7 +199,10 @@ def test_dpo_trainer_keeps_rewards_logps_logits_and_derives_no_perplexity(tmp_pa
     prompts = tiny_lm.sentences(16, 3, seed=2)
     chosen, rejected = tiny_lm.sentences(16, 3, seed=3), tiny_lm.sentences(16, 3, seed=4)
     data = datasets.Dataset.from_list(
-        [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(prompts, chosen, rejected)]
+        [
+            {"prompt": p, "chosen": c, "rejected": r}
+            for p, c, r in zip(prompts, chosen, rejected, strict=True)
+        ]
     )
     tel = _telemetry(tmp_path, "dpo")
     args = trl.DPOConfig(
@@ -238,9 +246,7 @@ def test_grpo_trainer_keeps_rollout_metrics_counts_generated_tokens_no_perplexit
 
     data = datasets.Dataset.from_list([{"prompt": p} for p in tiny_lm.sentences(16, 3, seed=5)])
     tel = _telemetry(tmp_path, "grpo")
-    args = trl.GRPOConfig(
-        **_common_args(tmp_path), max_completion_length=4, num_generations=2
-    )
+    args = trl.GRPOConfig(**_common_args(tmp_path), max_completion_length=4, num_generations=2)
     trainer = trl.GRPOTrainer(
         model=tiny_lm.llama(),
         reward_funcs=reward_length,
@@ -268,7 +274,9 @@ def test_shared_metrics_have_one_name_in_every_trl_trainer():
 
     for trainer_key in ("entropy", "mean_token_accuracy", "rewards/margins", "reward"):
         assert default_key(instrument_name(trainer_key)) == CATALOGUED[trainer_key]
-        assert default_key(instrument_name(trainer_key, "eval")) == _exported_key(trainer_key, "eval")
+        assert default_key(instrument_name(trainer_key, "eval")) == _exported_key(
+            trainer_key, "eval"
+        )
 
 
 def test_logging_steps_off_the_train_interval_warns_once_and_exports_means(tmp_path, caplog):
