@@ -107,7 +107,7 @@ def test_recorder_works_from_a_deepspeed_config_alone(telemetry_factory):
 
 def test_recorder_sums_tensor_losses_on_the_device_without_a_sync(telemetry_factory):
     pytest.importorskip("torch")
-    from tests.unit.test_zero_sync_staging import CountingTensor, counting
+    from tests.counting_tensor import CountingTensor, counting
 
     capture = CapturingExporter()
     tel = telemetry_factory(exporters=[capture], intervals={"train": 4, "perf": 4})

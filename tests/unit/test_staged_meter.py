@@ -15,23 +15,7 @@ from otel_train import OtelTrainError, UnknownMetricError
 
 torch = pytest.importorskip("torch")
 
-MATERIALISING = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
-
-
-class CountingTensor(torch.Tensor):
-    """A tensor subclass that counts every call that copies its value to the host."""
-
-    materialisations = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in MATERIALISING:
-            CountingTensor.materialisations += 1
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
-def counting(value: float) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32).as_subclass(CountingTensor)
+from tests.counting_tensor import CountingTensor, counting  # noqa: E402
 
 
 def test_every_instrument_kind_is_staged_with_attributes_and_resolved_once_per_sampled_step(
