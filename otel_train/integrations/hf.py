@@ -241,7 +241,9 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
         if derives:
             # exp() of a DPO / GRPO loss is no perplexity: leave it out rather than show it.
             summaries.perplexity = False  # type: ignore[union-attr]
-        _logger.warning(
+        both_cross_entropy = {stage, telemetry.context.stage} <= CROSS_ENTROPY_STAGES
+        log = _logger.info if both_cross_entropy else _logger.warning  # only a label differs
+        log(
             "otel-train: this trainer runs stage %r (%s) but setup(stage=%r)%s. Pass "
             "setup(stage=%r) so the run is labelled with the stage its metrics come from.",
             stage,

@@ -15,18 +15,24 @@ from typing import Any
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import Logger
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         'otel_train.integrations.lightning needs lightning: pip install "otel-train[lightning]"'
     ) from error
 
-import torch
-
 from otel_train.errors import OtelTrainError
 from otel_train.integrations._common import StepDriver, train_interval, warn_once
 from otel_train.integrations._keys import instrument_name, numeric_items, strip_prefix
+from otel_train.integrations._lightning_batches import (
+    batch_size,
+    default_tokens,
+    loss_of,
+    total_norm,
+)
+from otel_train.integrations.lightning_logger import OtelTrainLogger
 from otel_train.telemetry import Telemetry
+
+__all__ = ["OtelTrainCallback", "OtelTrainLogger"]
 
 _logger = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
         self._factory = factory
         self._telemetry = telemetry
         self._owns_telemetry = False
-        self._count_tokens = count_tokens or _default_tokens
+        self._count_tokens = count_tokens or default_tokens
         self._grad_norm = grad_norm
         self._driver: StepDriver | None = StepDriver(telemetry) if telemetry else None
         self._trainer: Any = None
@@ -110,21 +116,21 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             if grads:
                 # Gradients are unscaled here and not clipped yet; a device tensor, staged.
-                values["grad_norm"] = _total_norm(grads)
+                values["grad_norm"] = total_norm(grads)
         self._record({}, values)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         values: dict[str, Any] = {}
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         if loss is not None:
             # Automatic optimisation divides the loss by accumulate_grad_batches before
             # backward and hands that over; the loss of the batch is the undivided one.
             if pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
                 loss = loss * trainer.accumulate_grad_batches
             values["loss"] = loss
-        samples = _batch_size(batch)
+        samples = batch_size(batch)
         if samples is not None:
             values["samples"] = samples
         tokens = self._count_tokens(batch)
@@ -163,10 +169,10 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         if loss is None or trainer.sanity_checking:
             return
-        weight = _batch_size(batch) or 1
+        weight = batch_size(batch) or 1
         weighted = loss.detach().float() * weight if hasattr(loss, "detach") else loss * weight
         self._eval_sum = weighted if self._eval_sum is None else self._eval_sum + weighted
         self._eval_count += weight
@@ -285,72 +291,3 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
                 every,
                 trainer.log_every_n_steps,
             )
-
-
-class OtelTrainLogger(Logger):  # type: ignore[misc]
-    """`self.log(...)` values into the callback's telemetry: train keys as `train/<key>`
-    (a `train_` prefix dropped), validation keys as `eval/<key>` (`val_` dropped), on the
-    step they were logged at. Get it as `callback.logger`."""
-
-    def __init__(self, callback: OtelTrainCallback) -> None:
-        super().__init__()
-        self._callback = callback
-
-    @property
-    def name(self) -> str:
-        return "otel_train"
-
-    @property
-    def version(self) -> str | None:
-        telemetry = self._callback.telemetry
-        return telemetry.context.run if telemetry is not None else None
-
-    @property
-    def experiment(self) -> Telemetry | None:
-        return self._callback.telemetry
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._callback._log_metrics(metrics)
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        """The module's hyperparameters went to `setup(config=...)` when the callback set up."""
-
-
-def _loss_of(outputs: Any) -> Any:
-    if isinstance(outputs, Mapping):
-        outputs = outputs.get("loss")
-    if isinstance(outputs, torch.Tensor) and outputs.ndim == 0:
-        return outputs.detach()
-    if isinstance(outputs, (int, float)) and not isinstance(outputs, bool):
-        return float(outputs)
-    return None
-
-
-def _total_norm(grads: list[Any]) -> Any:
-    """The global 2-norm as a device tensor (torch >= 2.6 has it public; else the same sum)."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:
-        return get_total_norm(grads, foreach=True)
-    device = grads[0].device
-    norms = [torch.linalg.vector_norm(g.detach()).to(device) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def _batch_size(batch: Any) -> int | None:
-    from lightning.pytorch.utilities.data import extract_batch_size
-
-    try:
-        return int(extract_batch_size(batch))
-    except Exception:  # Lightning raises when no tensor is found: no sample count then
-        return None
-
-
-def _default_tokens(batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return mask.sum()  # a device tensor: summed on the device, never synced here
-        ids = batch.get("input_ids")
-        if isinstance(ids, torch.Tensor):
-            return ids.numel()
-    return None

@@ -72,3 +72,36 @@ def test_accelerate_log_lands_in_otel_train_at_its_step(tmp_path):
     assert evals[6]["eval/accuracy"] == pytest.approx(0.6)
     assert "eval/perplexity" in evals[3]  # an SFT loss is a token cross-entropy
     assert any("final/total_steps" in r["metrics"] for r in rows)  # shut down by end_training
+
+
+def test_several_log_calls_of_one_step_all_land_at_that_step(tmp_path, caplog):
+    import logging
+
+    tel = otel_train.setup(
+        run="accelerate-calls",
+        output_dir=tmp_path,
+        exporters=["jsonl"],
+        intervals={"train": INTERVAL},
+        gpu_metrics=False,
+    )
+    tracker = OtelTrainTracker(telemetry=tel)  # set up by the caller: its life is the caller's
+    accelerator = accelerate.Accelerator(cpu=True, log_with=[tracker])
+    accelerator.init_trackers("otel")
+    for step in range(1, 5):
+        accelerator.log({"loss": torch.tensor(float(step))}, step=step)  # a tensor: staged
+        accelerator.log({"grad_norm": 10.0 * step, "accuracy": step / 10}, step=step)
+    with caplog.at_level(logging.WARNING, logger="otel_train.integrations.accelerate"):
+        accelerator.log({"late": 1.0})  # no step: warned, exported with the next step
+        accelerator.log({"late": 2.0})
+    accelerator.end_training()
+    assert [r for r in caplog.records if "without step=" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "without step=" in r.getMessage()]) == 1
+    tel.shutdown()
+    rows = [json.loads(line) for line in (tmp_path / "accelerate-calls" / "rank0.jsonl").open()]
+    train = {r["step"]: r["metrics"] for r in rows if "train/loss" in r["metrics"]}
+    assert sorted(train) == [2, 4]
+    assert train[2]["train/loss"] == 1.5 and train[4]["train/loss"] == 3.5
+    assert train[2]["train/grad_norm"] == 15.0  # the second call's values: same step
+    assert train[4]["train/accuracy"] == pytest.approx(0.4)
+    tail = [r["metrics"]["train/late"] for r in rows if "train/late" in r["metrics"]]
+    assert tail == [2.0]  # recorded after step 4: exported at shutdown

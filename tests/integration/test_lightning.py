@@ -197,6 +197,44 @@ def test_lightning_callback_without_factory_args_uses_module_hparams_as_config(t
     assert seen == {"config": {"lr": 0.01}}
 
 
+class LoggedValidation(Regression):
+    """A validation_step that returns nothing: the eval loss comes from self.log."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+
+
+def test_lightning_val_loss_logged_with_self_log_is_the_eval_loss(tmp_path):
+    callback = OtelTrainCallback(
+        functools.partial(
+            otel_train.setup,
+            run="logged-val",
+            stage="regression",
+            output_dir=tmp_path / "runs",
+            exporters=["jsonl"],
+            gpu_metrics=False,
+        )
+    )
+    csv_logger = L.loggers.CSVLogger(tmp_path / "csv", name="", version="")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS_PER_EPOCH,
+        accumulate_grad_batches=ACCUMULATION,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+        logger=[callback.logger, csv_logger],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LoggedValidation(), _loader(N_TRAIN, 1, True), _loader(N_VAL, 2, False))
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "logged-val" / "rank0.jsonl").open()]
+    exported = [r["metrics"]["eval/loss"] for r in rows if "eval/loss" in r["metrics"]]
+    logged = [float(r["val_loss"]) for r in _csv_metrics(tmp_path / "csv") if r.get("val_loss")]
+    assert exported == pytest.approx(logged) and len(exported) == 1
+
+
 def test_lightning_ddp_each_rank_sets_up_its_own_telemetry(tmp_path):
     """Lightning's DDP launcher starts rank 1 as a new process: both ranks export, each
     under its own rank, with the world size of the job."""

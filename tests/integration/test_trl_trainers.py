@@ -195,15 +195,19 @@ def test_sft_trainer_metrics_exported_at_their_steps_with_perplexity(tmp_path):
     assert epochs == [pytest.approx(trainer.state.epoch)] == [pytest.approx(0.5)]
 
 
-def test_dpo_trainer_keeps_rewards_logps_logits_and_derives_no_perplexity(tmp_path):
+def _preference_data():
     prompts = tiny_lm.sentences(16, 3, seed=2)
     chosen, rejected = tiny_lm.sentences(16, 3, seed=3), tiny_lm.sentences(16, 3, seed=4)
-    data = datasets.Dataset.from_list(
+    return datasets.Dataset.from_list(
         [
             {"prompt": p, "chosen": c, "rejected": r}
             for p, c, r in zip(prompts, chosen, rejected, strict=True)
         ]
     )
+
+
+def test_dpo_trainer_keeps_rewards_logps_logits_and_derives_no_perplexity(tmp_path):
+    data = _preference_data()
     tel = _telemetry(tmp_path, "dpo")
     args = trl.DPOConfig(
         **_common_args(tmp_path, eval_strategy="steps", eval_steps=INTERVAL), max_length=16
@@ -304,3 +308,36 @@ def test_logging_steps_off_the_train_interval_warns_once_and_exports_means(tmp_p
             mean = (logs[step - 1][key] + logs[step][key]) / 2
             assert exported[step][CATALOGUED[key]] == pytest.approx(mean, rel=1e-6), key
         assert exported[step]["train/num_input_tokens_seen"] == logs[step]["num_tokens"]
+
+
+def test_dpo_trainer_under_the_default_stage_warns_and_still_derives_no_perplexity(
+    tmp_path, caplog
+):
+    tel = otel_train.setup(
+        run="dpo-default-stage",
+        output_dir=tmp_path / "runs",
+        exporters=["jsonl"],
+        intervals={"train": INTERVAL},
+        gpu_metrics=False,
+    )  # stage="train": a cross-entropy stage by default
+    args = trl.DPOConfig(
+        **_common_args(tmp_path, eval_strategy="steps", eval_steps=INTERVAL), max_length=16
+    )
+    data = _preference_data()
+    trainer = trl.DPOTrainer(
+        model=tiny_lm.llama(),
+        ref_model=tiny_lm.llama(),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data.select(range(4)),
+        processing_class=tiny_lm.tokenizer(),
+        callbacks=[OtelTrainCallback(tel)],
+    )
+    with caplog.at_level(logging.WARNING, logger="otel_train.integrations.hf"):
+        trainer.train()
+    tel.shutdown()
+    warned = [r.getMessage() for r in caplog.records if "'dpo'" in r.getMessage()]
+    assert len(warned) == 1 and "setup(stage='dpo')" in warned[0]
+    rows = _rows(tmp_path, "dpo-default-stage")
+    assert "train/rewards_margin" in _train_rows(rows)[MAX_STEPS]
+    assert not [key for key in _all_keys(rows) if "perplexity" in key]
