@@ -95,7 +95,8 @@ def setup(
 
     MFU: `model=` + `seq_len=` give FLOPs per token (or `flops_per_token=`); `peak_flops=`
     (FLOP/s of this rank's devices, or a device name) or `dtype=` gives the peak;
-    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch.
+    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch;
+    `stage=` ("dpo", "ppo", "grpo", ...) picks the FLOPs rule (`otel_train.model_flops`).
     `measure_flops=True` counts one step's FLOPs with torch (an int N: every N steps, costly).
 
     `max_attribute_sets`: attribute sets one staged instrument may export (more fold into an
@@ -145,6 +146,7 @@ def setup(
         gradient_accumulation_steps=gradient_accumulation_steps,
         world_size=world_size if world_size is not None else rank_info.world_size,
         dtype=dtype,
+        stage=stage,
     )
     if measure_flops and model is None:
         raise OtelTrainError("measure_flops=True needs model= (the module whose step is counted)")

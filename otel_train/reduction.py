@@ -38,6 +38,9 @@ class CrossRankReducer:
         # global ones, so summing `train_tokens_total` over ranks never double-counts.
         self.keep_on_this_rank = keep_on_this_rank
         self.reductions = 0
+        # How many ranks' work this rank's last values hold: the world size once rank 0 has
+        # replaced its values by global ones, else 1 (MFU divides by that many peaks).
+        self.ranks_in_values = 1
         self._warned = False
 
     def active(self) -> bool:
@@ -105,6 +108,7 @@ class CrossRankReducer:
         self.reductions += 1
         if not self.keep_on_this_rank:
             return resolved
+        self.ranks_in_values = dist.get_world_size()
         return unpack(vector.tolist(), resolved)
 
 

@@ -91,6 +91,7 @@ class Telemetry:
         )
         self._reducer = reducer  # reduce_across_ranks=True: one all_reduce per sampled step
         self._counters = [self.training.standard[n] for n in ("train.tokens", "train.samples")]
+        self._generation_tokens_total = 0.0  # train.generation_tokens: PPO / GRPO rollouts
         self._register_health_instruments()
 
     # -- public surface -------------------------------------------------------------------
@@ -173,6 +174,7 @@ class Telemetry:
                 step=step,
                 tokens=summaries.tokens_total,
                 samples=summaries.samples_total,
+                generation_tokens=self._generation_tokens_total,
             )
 
     def evaluate(self, loss: Any = None, *, metrics: Mapping[str, Any] | None = None) -> None:
@@ -247,7 +249,7 @@ class Telemetry:
                 ):
                     self._export_groups(periodic, self._last_step, self._clock())
                 sink = RecordSink(self.reader.nonfinite)
-                self._set_values(self.summaries.final_values(self._last_step), sink)
+                self._set_values(self._final_values(), sink)
                 self._export_event("final", sink)
             except OtelTrainError as error:
                 _logger.error("otel-train: could not export the last values at shutdown: %s", error)
@@ -275,7 +277,7 @@ class Telemetry:
         if "perf" in due and "train" not in due:
             # Rates need this interval's tokens and samples; cumulative counters lose nothing
             # by being resolved early (they are exported with the train group).
-            resolved += self._take_instruments(self._counters)
+            resolved += self._take_instruments(self._rate_counters())
         # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
         # event, where a peer may already be gone and a collective would hang.
         if across_ranks and self._reducer is not None:
@@ -295,7 +297,12 @@ class Telemetry:
             self._flush_step_durations()
             summaries = self.summaries
             rates = self._rates.derive(
-                step=step, now=now, tokens=summaries.tokens_total, samples=summaries.samples_total
+                step=step,
+                now=now,
+                tokens=summaries.tokens_total,
+                samples=summaries.samples_total,
+                generation_tokens=self._generation_tokens_total,
+                ranks=self._reducer.ranks_in_values if self._reducer is not None else 1,
             )
             self._set_values(rates, sink)
         if sink.nonfinite:
@@ -318,6 +325,29 @@ class Telemetry:
     def _add_counts(self, sink: RecordSink) -> None:
         increments = sink.increments
         self.summaries.add_counts(increments.get("train.tokens"), increments.get("train.samples"))
+        self._generation_tokens_total += increments.get("train.generation_tokens", 0.0)
+
+    def _rate_counters(self) -> list[Any]:
+        """The counters rates need: tokens, samples and, once it exists, generation tokens."""
+        generation = self._registry.instruments.get("train.generation_tokens")
+        return self._counters if generation is None else [*self._counters, generation]
+
+    def _final_values(self) -> dict[str, float]:
+        """`final.*`; token and sample totals from the rate tracker: derived from the
+        effective batch when the loop recorded none, left out (not 0) when unknown."""
+        values = self.summaries.final_values(self._last_step)
+        values.pop("final.total_tokens", None)
+        values.pop("final.total_samples", None)
+        totals = self._rates.totals(
+            step=self._last_step,
+            tokens=self.summaries.tokens_total,
+            samples=self.summaries.samples_total,
+        )
+        if totals.tokens is not None:
+            values["final.total_tokens"] = totals.tokens
+        if totals.samples is not None:
+            values["final.total_samples"] = totals.samples
+        return values
 
     def _flush_step_durations(self) -> None:
         durations, self._step_durations = self._step_durations, []

@@ -100,7 +100,8 @@ def test_sigterm_inside_sampled_steps_never_deadlocks_the_flush(tmp_path):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         final = rows[-1]["metrics"]
         assert final["final/total_steps"] == rows[-1]["step"], trial
-        assert final["final/total_tokens"] == 16 * rows[-1]["step"], trial
+        # tokens recorded for the next step before its step() call are not lost either
+        assert final["final/total_tokens"] in (16 * rows[-1]["step"], 16 * (rows[-1]["step"] + 1))
 
 
 def test_sigkill_leaves_at_most_a_partial_last_line(tmp_path):
