@@ -24,6 +24,7 @@ from otel_train.naming import KeyNamer
 from otel_train.redaction import redact
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT, RowBuilder, shared_row
 from otel_train.run_context import RunContext
+from otel_train.safe_files import replace_file
 
 _logger = logging.getLogger("otel_train.wandb")
 
@@ -335,7 +336,7 @@ class WandbMetricExporter(MetricExporter):
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(run_id + "\n")
+            replace_file(path, (run_id + "\n").encode())  # never through a planted link
         except OSError as error:
             _logger.warning("otel-train: cannot remember the W&B run id in %s (%s)", path, error)
 

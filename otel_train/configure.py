@@ -37,6 +37,11 @@ from otel_train.run_context import RunContext, output_dir_from
 from otel_train.sampling import GroupIndex, SamplingView, parse_intervals, resolve_views
 from otel_train.series import feed_reader
 from otel_train.signals import install_signal_flush
+from otel_train.system_metrics import (
+    SystemMetricsOption,
+    register_system_metrics,
+    resolve_system_metrics_config,
+)
 from otel_train.telemetry import Telemetry
 from otel_train.throughput import resolve_throughput_settings
 
@@ -70,6 +75,7 @@ def setup(
     dtype: Any = None,
     measure_flops: bool | int = False,
     gpu_metrics: bool = True,
+    system_metrics: SystemMetricsOption = True,
     key_overrides: Mapping[str, str | KeySpec | tuple[KeySpec, ...]] | None = None,
     key_preset: str = "default",
     resume: bool = False,
@@ -96,13 +102,17 @@ def setup(
 
     MFU: `model=` + `seq_len=` give FLOPs per token (or `flops_per_token=`); `peak_flops=`
     (FLOP/s of this rank's devices, or a device name) or `dtype=` gives the peak;
-    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch.
+    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch;
+    `stage=` ("dpo", "ppo", "grpo", ...) picks the FLOPs rule (`otel_train.model_flops`).
     `measure_flops=True` counts one step's FLOPs with torch (an int N: every N steps, costly).
 
     `max_attribute_sets`: attribute sets one staged instrument may export (more fold into an
     `otel.metric.overflow` series, with one warning). `perplexity`: derive train/eval
     perplexity from the loss; default: only for cross-entropy stages (pretrain, sft, train).
     `install_global=True` makes `opentelemetry.metrics.get_meter()` record into this pipeline.
+    `system_metrics`: process and host metrics (CPU, RSS, disk and network I/O) from
+    opentelemetry-instrumentation-system-metrics with the gpu group; a mapping picks the
+    metrics (that package's config format), False turns them off.
     """
     env = os.environ
     run_name = run or env.get("OTEL_TRAIN_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
@@ -146,9 +156,11 @@ def setup(
         gradient_accumulation_steps=gradient_accumulation_steps,
         world_size=world_size if world_size is not None else rank_info.world_size,
         dtype=dtype,
+        stage=stage,
     )
     if measure_flops and model is None:
         raise OtelTrainError("measure_flops=True needs model= (the module whose step is counted)")
+    system_config = resolve_system_metrics_config(system_metrics, local_rank=context.local_rank)
     reader = StepSampledReader(groups, max_queue_batches=max_queue_batches)
     pull_readers: list[MetricReader] = []
     push_exporters: list[tuple[str, MetricExporter]] = []
@@ -207,7 +219,11 @@ def setup(
     for pull_reader in pull_readers:  # they collect the SDK on their own: add our streams
         feed_reader(pull_reader, telemetry.streams)
     if gpu_metrics:
-        register_gpu_metrics(telemetry)
+        # Energy per token pairs this rank's GPU energy with this rank's tokens; reduced
+        # (global) tokens on rank 0 would divide by the wrong count.
+        register_gpu_metrics(telemetry, joules_per_token=not reduce_across_ranks)
+    if system_config is not None:
+        register_system_metrics(telemetry, system_config)
     if measure_flops:
         every = None if measure_flops is True else int(measure_flops)
         # Kept alive by the model's hook and the gauge's callback; nothing else holds it.

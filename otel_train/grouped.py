@@ -18,40 +18,32 @@ from otel_train.staging import Detachable, is_tensor
 
 
 class GroupSlot(Detachable):
-    """Sums and counts per group over the interval: two small device vectors (or host lists)."""
+    """Per-group [sum, count] over the interval: one small device matrix (or host lists)."""
 
-    __slots__ = ("counts", "sums")
+    __slots__ = ("device", "host")
 
     def __init__(self) -> None:
-        self.sums: Any = None
-        self.counts: Any = None
-
-    def add(self, pair: tuple[Any, Any]) -> None:
-        sums, counts = pair
-        if self.sums is None:
-            self.sums, self.counts = sums, counts
-        elif isinstance(sums, list):
-            self.sums = [a + b for a, b in zip(self.sums, sums, strict=True)]
-            self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
-        else:
-            self.sums = self.sums + sums  # device ops: queued, never synced
-            self.counts = self.counts + counts
+        self.device: Any = None  # (sums, counts): two [groups] tensors index_add_ adds into
+        self.host: list[list[float]] | None = None
 
     def pending(self) -> bool:
-        return self.sums is not None
+        return self.device is not None or self.host is not None
 
     def tensors(self) -> list[Any]:
-        return [] if self.sums is None or isinstance(self.sums, list) else [self.sums, self.counts]
+        return [] if self.device is None else list(self.device)
 
     def take(self, values: Sequence[float]) -> tuple[list[float], list[float]] | None:
-        if self.sums is None:
+        if not self.pending():
             return None
-        if isinstance(self.sums, list):
-            sums, counts = list(self.sums), list(self.counts)
-        else:
-            half = len(values) // 2
-            sums, counts = list(values[:half]), list(values[half:])
-        self.sums = self.counts = None
+        size = len(self.host[0]) if self.host is not None else len(values) // 2
+        sums, counts = [0.0] * size, [0.0] * size
+        if self.host is not None:
+            sums, counts = list(self.host[0]), list(self.host[1])
+        half = len(values) // 2  # [sums..., counts...]
+        for index in range(half):
+            sums[index] += values[index]
+            counts[index] += values[half + index]
+        self.device = self.host = None
         return sums, counts
 
 
@@ -81,9 +73,16 @@ class StagedGroupedMean(StagedInstrument):
             slot = self.slots[key] = GroupSlot()
             self.names[key] = key
         if is_tensor(values):
-            slot.add(_device_sums(self.staged_name, values, groups, len(key)))
+            slot.device = _add_on_device(self.staged_name, slot.device, values, groups, len(key))
         else:
-            slot.add(_host_sums(self.staged_name, values, groups, len(key)))
+            sums, counts = _host_sums(self.staged_name, values, groups, len(key))
+            if slot.host is None:
+                slot.host = [sums, counts]
+            else:
+                slot.host = [
+                    [a + b for a, b in zip(slot.host[0], sums, strict=True)],
+                    [a + b for a, b in zip(slot.host[1], counts, strict=True)],
+                ]
 
     def apply(self, key: Any, taken: Any, sink: RecordSink) -> None:
         if taken is None:
@@ -97,7 +96,8 @@ class StagedGroupedMean(StagedInstrument):
             self.sdk_count.add(count, attributes)
 
 
-def _device_sums(name: str, values: Any, groups: Any, size: int) -> tuple[Any, Any]:
+def _add_on_device(name: str, acc: Any, values: Any, groups: Any, size: int) -> Any:
+    """acc[g] += [sum of values of group g, their count]: one index_add_, queued, no sync."""
     import torch
 
     if not is_tensor(groups):
@@ -114,13 +114,14 @@ def _device_sums(name: str, values: Any, groups: Any, size: int) -> tuple[Any, A
         )
     if groups.device != values.device:
         groups = groups.to(values.device, non_blocking=True)
-    wide = torch.float32 if values.device.type == "mps" else torch.float64
-    values = values.detach().to(wide)
-    sums = torch.zeros(size, dtype=wide, device=values.device).index_add_(0, groups, values)
-    counts = torch.zeros(size, dtype=wide, device=values.device).index_add_(
-        0, groups, torch.ones_like(values)
-    )
-    return sums, counts
+    if acc is None:
+        wide = torch.float32 if values.device.type == "mps" else torch.float64
+        acc = tuple(torch.zeros(size, dtype=wide, device=values.device) for _ in range(2))
+    sums, counts = acc
+    values = values.detach().to(sums.dtype)
+    sums.index_add_(0, groups, values)  # in place on our own buffers: no allocation kept
+    counts.index_add_(0, groups, torch.ones_like(values))
+    return acc
 
 
 def _host_sums(name: str, values: Any, groups: Any, size: int) -> tuple[list[float], list[float]]:

@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry.metrics import Meter
 
 from otel_train.catalog import BY_KEYWORD, RECORD_KEYWORDS, STANDARD_INSTRUMENTS
-from otel_train.errors import UnknownMetricError
+from otel_train.errors import OtelTrainError, UnknownMetricError
 from otel_train.staged_meter import StagedInstrument, StagingRegistry
 from otel_train.staging import stage_value
 
@@ -75,7 +75,6 @@ class TrainingInstruments:
             keyword: (spec.name, self.standard[spec.name].plain_slot())
             for keyword, spec in BY_KEYWORD.items()
         }
-        self._loss = self._slots["loss"]
         self._by_key: dict[str, Any] = {}
 
     @property
@@ -115,25 +114,36 @@ class TrainingInstruments:
             )
         if not self.registry.enabled:
             return
+        # Unrolled on purpose: this runs every step, a loop would allocate its tuples.
         slots = self._slots
         if loss is not None:
-            name, slot = self._loss
+            name, slot = slots["loss"]
             slot.add(stage_value(name, loss))
-        for keyword, value in (
-            ("learning_rate", learning_rate),
-            ("grad_norm", grad_norm),
-            ("tokens", tokens),
-            ("samples", samples),
-            ("epoch", epoch),
-        ):
-            if value is not None:
-                name, slot = slots[keyword]
-                staged = stage_value(name, value)
-                if keyword in ("tokens", "samples") and type(staged) is float and staged < 0:
-                    self.standard[name].add(staged)  # type: ignore[attr-defined]  # raises
-                slot.add(staged)
+        if learning_rate is not None:
+            name, slot = slots["learning_rate"]
+            slot.add(stage_value(name, learning_rate))
+        if grad_norm is not None:
+            name, slot = slots["grad_norm"]
+            slot.add(stage_value(name, grad_norm))
+        if tokens is not None:
+            self._add_count("tokens", tokens)
+        if samples is not None:
+            self._add_count("samples", samples)
+        if epoch is not None:
+            name, slot = slots["epoch"]
+            slot.add(stage_value(name, epoch))
         if values:
             self._record_mapping(values)
+
+    def _add_count(self, keyword: str, amount: Any) -> None:
+        name, slot = self._slots[keyword]
+        staged = stage_value(name, amount)
+        if type(staged) is float and staged < 0:
+            raise OtelTrainError(
+                f"{name} is a counter and cannot decrease; got increment {amount}. Record the "
+                "per-step amount (e.g. tokens in this batch), not a difference."
+            )
+        slot.add(staged)
 
     def _record_mapping(self, values: Mapping[str, Any]) -> None:
         if not isinstance(values, Mapping):

@@ -42,6 +42,9 @@ class CrossRankReducer:
         # global ones, so summing `train_tokens_total` over ranks never double-counts.
         self.keep_on_this_rank = keep_on_this_rank
         self.reductions = 0
+        # How many ranks' work this rank's last values hold: the world size once rank 0 has
+        # replaced its values by global ones, else 1 (MFU divides by that many peaks).
+        self.ranks_in_values = 1
         self._warned = False
 
     def active(self) -> bool:
@@ -74,6 +77,7 @@ class CrossRankReducer:
             return taken
         if not self.keep_on_this_rank:
             return taken
+        self.ranks_in_values = flight.world_size
         local = _local(taken)
         return _merged(taken, local, unpack(summed, local))
 
@@ -97,8 +101,9 @@ class CrossRankReducer:
             from otel_train.staging import DeviceTransfer
 
             work.wait()  # NCCL: the current stream waits for the collective, the host does not
-            return InFlight(work=None, vector=None, copy=DeviceTransfer().start([[vector]]))
-        return InFlight(work=work, vector=vector, copy=None)
+            copy = DeviceTransfer().start([[vector]])
+            return InFlight(work=None, vector=None, copy=copy, world_size=dist.get_world_size())
+        return InFlight(work=work, vector=vector, copy=None, world_size=dist.get_world_size())
 
     def _warn(self, error: Exception) -> None:
         if not self._warned:
@@ -143,6 +148,7 @@ class CrossRankReducer:
         self.reductions += 1
         if not self.keep_on_this_rank:
             return resolved
+        self.ranks_in_values = dist.get_world_size()
         return unpack(vector.tolist(), resolved)
 
 
@@ -150,8 +156,9 @@ class InFlight:
     """One all_reduce in flight: gloo (CPU) finishes on its own thread, NCCL's result is
     copied to pinned host memory behind an event (`ready()` never blocks)."""
 
-    def __init__(self, *, work: Any, vector: Any, copy: Any) -> None:
+    def __init__(self, *, work: Any, vector: Any, copy: Any, world_size: int) -> None:
         self._work, self._vector, self._copy = work, vector, copy
+        self.world_size = world_size
 
     def ready(self) -> bool:
         if self._copy is not None:

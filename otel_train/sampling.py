@@ -20,7 +20,9 @@ DEFAULT_INTERVALS: Mapping[str, int] = {"train": 10, "perf": 20, "gpu": 50}
 GROUP_PATTERNS: Mapping[str, tuple[str, ...]] = {
     "train": ("train.*",),
     "perf": ("perf.*",),
-    "gpu": ("gpu.*", "hw.*"),  # hw.*: OTel hardware semconv (hw.gpu.*, hw.power)
+    # hw.*: OTel hardware semconv (hw.gpu.*, hw.power, hw.energy); process.* / system.*: the
+    # OTel system-metrics instrumentation (psutil), as rarely as the GPU probes.
+    "gpu": ("gpu.*", "hw.*", "process.*", "system.*"),
     "health": ("otel_train.*",),
 }
 EVENT_GROUPS: tuple[str, ...] = ("eval", "epoch", "final")

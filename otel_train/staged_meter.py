@@ -31,7 +31,7 @@ from opentelemetry.metrics import (
     _Gauge,
 )
 
-from otel_train._sdk_compat import scope_of
+from otel_train._sdk_compat import scope_of, sdk_instrument_names
 from otel_train.catalog import InstrumentSpec, describe, max_companion
 from otel_train.errors import OtelTrainError
 from otel_train.series import (
@@ -354,6 +354,7 @@ class StagingRegistry:
         self.streams = streams if streams is not None else StreamSet(_empty_resource())
         self._needs_sdk = needs_sdk  # a view changes aggregation or attributes: the SDK's job
         self.sdk_groups: set[str] = set()  # groups whose export needs an SDK collect
+        self._sdk_instrument_count = 0
         self.transfer: Any = DeviceTransfer()  # a seam: tests stand in for a CUDA copy
 
     def output(
@@ -399,6 +400,15 @@ class StagingRegistry:
     def observable_created(self, name: str) -> None:
         """Observable instruments are the SDK's: their group's exports collect the SDK."""
         self.sdk_groups.add(self.group_of(name))
+
+    def refresh_sdk_groups(self, provider: Any) -> None:
+        """Instruments other code created on the SDK provider itself (e.g. the system metrics
+        instrumentation) are exported by an SDK collect too: find their groups (cheap when
+        nothing changed: one count)."""
+        names = sdk_instrument_names(provider)
+        if len(names) != self._sdk_instrument_count:
+            self._sdk_instrument_count = len(names)
+            self.sdk_groups.update(self.group_of(name) for name in names)
 
     def create(
         self,

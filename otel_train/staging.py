@@ -23,12 +23,17 @@ FOLD_AT = 256
 FOLD_HISTOGRAM_AT = 4096
 
 
-# Types seen to be tensors: the hot path asks a dict, not three hasattr calls.
-_TENSOR_TYPES: dict[type, bool] = {}
+# Types seen to be tensors: later values of the same type skip the duck-typing probe.
+_TENSOR_TYPES: set[type] = set()
 
 
 def is_tensor(value: object) -> bool:
-    return hasattr(value, "detach") and hasattr(value, "device") and hasattr(value, "numel")
+    if type(value) in _TENSOR_TYPES:
+        return True
+    if hasattr(value, "detach") and hasattr(value, "device") and hasattr(value, "numel"):
+        _TENSOR_TYPES.add(type(value))
+        return True
+    return False
 
 
 def stage_value(name: str, value: Any) -> Any:
@@ -39,12 +44,12 @@ def stage_value(name: str, value: Any) -> Any:
     kind = type(value)
     if kind is float:
         return value
-    if kind in _TENSOR_TYPES:
-        return _stage_tensor(name, value)
     if kind is int:
-        return _int_to_float(name, value)
-    if is_tensor(value):
-        _TENSOR_TYPES[kind] = True
+        try:
+            return float(value)
+        except OverflowError:
+            return _int_to_float(name, value)
+    if kind in _TENSOR_TYPES or is_tensor(value):
         return _stage_tensor(name, value)
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise OtelTrainError(
@@ -78,6 +83,16 @@ def _int_to_float(name: str, value: int) -> float:
 
 
 def _stage_tensor(name: str, tensor: Any) -> Any:
+    if tensor.numel() != 1 or tensor.is_meta or tensor.is_complex():
+        _reject_tensor(name, tensor)
+    if tensor.ndim:
+        tensor = tensor.reshape(())  # 0-dim from here on: folds stack without reshaping
+    if tensor.requires_grad:
+        return tensor.detach()  # keep no autograd graph alive until the sampled step
+    return tensor
+
+
+def _reject_tensor(name: str, tensor: Any) -> None:
     if tensor.numel() != 1:
         raise OtelTrainError(
             f"{name} got a tensor of shape {tuple(tensor.shape)}; record a 0-dim tensor "
@@ -89,11 +104,7 @@ def _stage_tensor(name: str, tensor: Any) -> Any:
             f"{name} got a meta-device tensor, which holds no value; record a tensor on a real "
             "device (cpu, cuda, ...)"
         )
-    if tensor.is_complex():
-        raise OtelTrainError(f"{name} got a complex tensor; record a real value (e.g. x.abs())")
-    if tensor.requires_grad:
-        tensor = tensor.detach()  # keep no autograd graph alive until the sampled step
-    return tensor
+    raise OtelTrainError(f"{name} got a complex tensor; record a real value (e.g. x.abs())")
 
 
 # -- slots: the pending state of one instrument for one attribute set ----------------------
@@ -200,12 +211,11 @@ class LastSlot(Detachable):
 class MeanSlot(Detachable):
     """Interval mean, max and last value of every recorded value (the standard loss)."""
 
-    __slots__ = ("count", "folded", "host_count", "host_max", "host_sum", "last_host", "parts")
+    __slots__ = ("count", "folded", "host_max", "host_sum", "last_host", "parts")
 
     def __init__(self) -> None:
         self.host_sum = 0.0
         self.host_max = -math.inf
-        self.host_count = 0
         self.last_host: float | None = None  # set when the most recent value was a number
         self.parts: list[Any] = []
         self.folded: list[tuple[Any, Any, int]] = []  # (sum, max, n) on the device
@@ -224,7 +234,6 @@ class MeanSlot(Detachable):
             self.host_sum += value
             if not value <= self.host_max and self.host_max == self.host_max:
                 self.host_max = value  # also taken when value is NaN: then it stays NaN
-            self.host_count += 1
             self.last_host = value
             return
         self.last_host = None
@@ -260,7 +269,7 @@ class MeanSlot(Detachable):
         total, count = self.peek(values)
         maxima = [self.host_max, *values[1 : 2 * folded : 2], *values[2 * folded :]]
         last = self.last_host if self.last_host is not None else values[-1]
-        self.host_sum, self.host_max, self.host_count = 0.0, -math.inf, 0
+        self.host_sum, self.host_max = 0.0, -math.inf
         self.last_host, self.parts, self.folded, self.count = None, [], [], 0
         return total / count, _nanmax(maxima), last, count
 
@@ -330,7 +339,7 @@ def _nanmax(values: Iterable[float]) -> float:
 def _stack(parts: list[Any]) -> Any:
     import torch
 
-    return torch.stack([p.reshape(()) for p in parts])
+    return torch.stack(parts)  # staged tensors are 0-dim (or folded 0-dim sums)
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -122,6 +122,7 @@ class Telemetry:
         )
         self._reducer = reducer  # reduce_across_ranks=True: one all_reduce per sampled step
         self._counters = [self.training.standard[n] for n in ("train.tokens", "train.samples")]
+        self._generation_tokens_total = 0.0  # train.generation_tokens: PPO / GRPO rollouts
         self._register_health_instruments()
 
     # -- public surface -------------------------------------------------------------------
@@ -213,6 +214,7 @@ class Telemetry:
                 step=step,
                 tokens=summaries.tokens_total,
                 samples=summaries.samples_total,
+                generation_tokens=self._generation_tokens_total,
             )
 
     def evaluate(self, loss: Any = None, *, metrics: Mapping[str, Any] | None = None) -> None:
@@ -299,7 +301,7 @@ class Telemetry:
                     self._finish_pending()
                 sink = RecordSink(self.reader.nonfinite)
                 with self._registry.streams.lock:
-                    self._set_values(self.summaries.final_values(self._last_step), sink)
+                    self._set_values(self._final_values(), sink)
                 self._export_event("final", sink)
             except OtelTrainError as error:
                 _logger.error("otel-train: could not export the last values at shutdown: %s", error)
@@ -334,7 +336,7 @@ class Telemetry:
         """Detach the due values and start their transfer; export now if it is complete."""
         # Rates need this interval's tokens and samples; cumulative counters lose nothing by
         # being resolved early (they are exported with the train group).
-        also = self._counters if "perf" in due and "train" not in due else ()
+        also = self._rate_counters() if "perf" in due and "train" not in due else ()
         # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
         # event, where a peer may already be gone and a collective would hang. Issued now,
         # at the sampled step, on every rank alike; awaited with the transfer.
@@ -383,14 +385,15 @@ class Telemetry:
                     now=job.now,
                     tokens=summaries.tokens_total,
                     samples=summaries.samples_total,
+                    generation_tokens=self._generation_tokens_total,
+                    ranks=self._reducer.ranks_in_values if self._reducer is not None else 1,
                 )
                 self._set_values(rates, sink)
             if sink.nonfinite:
                 self.training.nonfinite.add(sink.nonfinite)
             self.training.global_step.set(job.step)
             direct = streams.metrics_for(job.due, job.time_nanos)
-        sdk_due = not self._registry.sdk_groups.isdisjoint(job.due)
-        self.reader.export_groups(job.due, direct, collect_sdk=sdk_due)
+        self.reader.export_groups(job.due, direct, collect_sdk=self._sdk_due(job.due))
 
     def _apply(self, resolved: list[tuple[Any, Any, Any]]) -> RecordSink:
         sink = RecordSink(self.reader.nonfinite)
@@ -401,6 +404,29 @@ class Telemetry:
     def _add_counts(self, sink: RecordSink) -> None:
         increments = sink.increments
         self.summaries.add_counts(increments.get("train.tokens"), increments.get("train.samples"))
+        self._generation_tokens_total += increments.get("train.generation_tokens", 0.0)
+
+    def _rate_counters(self) -> list[Any]:
+        """The counters rates need: tokens, samples and, once it exists, generation tokens."""
+        generation = self._registry.instruments.get("train.generation_tokens")
+        return self._counters if generation is None else [*self._counters, generation]
+
+    def _final_values(self) -> dict[str, float]:
+        """`final.*`; token and sample totals from the rate tracker: derived from the
+        effective batch when the loop recorded none, left out (not 0) when unknown."""
+        values = self.summaries.final_values(self._last_step)
+        values.pop("final.total_tokens", None)
+        values.pop("final.total_samples", None)
+        totals = self._rates.totals(
+            step=self._last_step,
+            tokens=self.summaries.tokens_total,
+            samples=self.summaries.samples_total,
+        )
+        if totals.tokens is not None:
+            values["final.total_tokens"] = totals.tokens
+        if totals.samples is not None:
+            values["final.total_samples"] = totals.samples
+        return values
 
     def _flush_step_durations(self) -> None:
         durations, self._step_durations = self._step_durations, []
@@ -430,8 +456,13 @@ class Telemetry:
                 self.training.nonfinite.add(sink.nonfinite)
             self.training.global_step.set(self._last_step)
             direct = streams.metrics_for(groups, time_ns())
-        sdk_due = group in self._registry.sdk_groups
-        self.reader.export_groups(groups, direct, collect_sdk=sdk_due)
+        self.reader.export_groups(groups, direct, collect_sdk=self._sdk_due(groups))
+
+    def _sdk_due(self, groups: frozenset[str]) -> bool:
+        """Whether exporting `groups` needs an SDK collect (observables, SDK-held values)."""
+        registry = self._registry
+        registry.refresh_sdk_groups(self.provider)
+        return not registry.sdk_groups.isdisjoint(groups)
 
     # -- helpers --------------------------------------------------------------------------
     @contextlib.contextmanager

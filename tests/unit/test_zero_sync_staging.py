@@ -8,24 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MATERIALISING = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
-
-
-class CountingTensor(torch.Tensor):
-    """A tensor subclass that counts every call that copies its value to the host."""
-
-    materialisations = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in MATERIALISING:
-            CountingTensor.materialisations += 1
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
-def counting(value: float, dtype=None) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype or torch.float32).as_subclass(CountingTensor)
+from tests.counting_tensor import CountingTensor, counting  # noqa: E402
 
 
 def test_non_sampled_steps_never_materialise_and_sampled_steps_once(telemetry_factory, capture):
