@@ -222,6 +222,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+    os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="otel-train-bench-"))
     wandb_bench = make_wandb_bench()
     steps = args.steps
     cases: dict[str, Callable[[], float]] = {

@@ -1,0 +1,138 @@
+"""A sampled step's values may still be on their way from the device (CUDA: a non-blocking copy
+into pinned memory behind an event). They are exported when the copy completes, polled at
+later steps and forced at the next sampled step, events, flush and shutdown, always labelled
+with the step they were sampled at, none lost, none twice.
+
+No GPU here: `HeldTransfer` stands in for the CUDA copy. It snapshots the values when the copy
+is started (as the device copy does) with the real CPU path, and reports completion only when
+the test says so; a forced wait completes it, as `event.synchronize()` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from otel_train.staging import DeviceTransfer, PendingValues
+
+torch = pytest.importorskip("torch")
+
+
+class HeldPending:
+    def __init__(self, inner: PendingValues, owner: HeldTransfer) -> None:
+        self._inner, self._owner, self.done = inner, owner, False
+
+    def ready(self) -> bool:
+        return self.done
+
+    def values(self) -> list[list[float]]:
+        if not self.done:
+            self._owner.forced += 1  # the real one: event.synchronize()
+            self.done = True
+        return self._inner.values()
+
+
+class HeldTransfer:
+    """A fake CUDA copy: values as of `start()`, complete only when `complete()` is called."""
+
+    def __init__(self) -> None:
+        self.started: list[HeldPending] = []
+        self.forced = 0
+
+    def start(self, requests: Any) -> HeldPending:
+        pending = HeldPending(DeviceTransfer().start(requests), self)  # snapshot now
+        self.started.append(pending)
+        return pending
+
+    def complete(self) -> None:
+        for pending in self.started:
+            pending.done = True
+
+
+def _train(tel: Any, steps: range) -> None:
+    for step in steps:
+        tel.training.record(loss=torch.tensor(float(step)), tokens=10, grad_norm=1.0)
+        tel.step(step)
+
+
+def _delivered(tel: Any) -> None:
+    """Wait for the export threads without forcing anything still in flight."""
+    assert tel.reader.wait_idle(5_000)
+
+
+def test_rows_wait_for_the_copy_and_carry_the_step_they_were_sampled_at(telemetry_factory, capture):
+    tel = telemetry_factory(exporters=[capture], intervals={"train": 5, "perf": 1000})
+    held = HeldTransfer()
+    tel._registry.transfer = held  # the seam a CUDA copy goes through
+    _train(tel, range(1, 6))
+    _delivered(tel)
+    assert capture.steps_with("train/loss") == []  # step 5's copy has not completed
+    _train(tel, range(6, 8))  # polled: still in flight
+    _delivered(tel)
+    assert capture.steps_with("train/loss") == []
+    held.complete()
+    _train(tel, range(8, 9))  # the next step() sees it complete and exports it
+    _delivered(tel)
+    assert capture.steps_with("train/loss") == [5]
+    assert capture.values_of("train/loss") == [3.0]  # mean of steps 1..5, not later ones
+    assert capture.values_of("train/global_step") == [5.0]  # the sampled step, not step 8
+    assert capture.values_of("train/num_input_tokens_seen") == [50.0]
+    assert held.forced == 0  # nobody waited
+
+
+def test_the_next_sampled_step_an_event_and_shutdown_force_what_is_in_flight(
+    telemetry_factory, capture
+):
+    tel = telemetry_factory(exporters=[capture], intervals={"train": 5, "perf": 1000})
+    held = HeldTransfer()
+    tel._registry.transfer = held
+    _train(tel, range(1, 11))  # step 10 forced step 5's copy, its own is in flight
+    assert held.forced == 1
+    _delivered(tel)
+    assert capture.steps_with("train/loss") == [5]
+    tel.evaluate(loss=2.0)  # an event: exports step 10 first, then itself
+    _train(tel, range(11, 14))  # step 15 never comes: shutdown exports the tail
+    tel.shutdown()
+    assert capture.steps_with("train/loss") == [5, 10, 13]  # each once, in order
+    assert capture.values_of("train/loss") == [3.0, 8.0, 12.0]
+    assert capture.values_of("train/num_input_tokens_seen") == [50.0, 100.0, 130.0]
+    assert capture.steps_with("eval/loss") == [10]
+    assert capture.values_of("final/total_tokens") == [130.0]
+
+
+def test_flush_exports_a_sampled_step_still_in_flight(telemetry_factory, capture):
+    tel = telemetry_factory(exporters=[capture], intervals={"train": 5, "perf": 1000})
+    tel._registry.transfer = HeldTransfer()
+    _train(tel, range(1, 6))
+    tel.flush()
+    assert capture.steps_with("train/loss") == [5]
+
+
+def test_on_the_cpu_the_copy_completes_within_the_sampled_step(telemetry_factory, capture):
+    tel = telemetry_factory(exporters=[capture], intervals={"train": 5, "perf": 1000})
+    _train(tel, range(1, 6))
+    _delivered(tel)  # no flush, no later step: exported by step 5 itself
+    assert capture.steps_with("train/loss") == [5]
+    assert capture.values_of("train/loss") == [3.0]
+
+
+def test_values_recorded_while_a_copy_is_in_flight_belong_to_the_next_interval(
+    telemetry_factory, capture
+):
+    tel = telemetry_factory(exporters=[capture], intervals={"train": 2, "perf": 1000})
+    held = HeldTransfer()
+    tel._registry.transfer = held
+    loss = torch.tensor(1.0)
+    tel.training.record(loss=loss)
+    tel.step(1)
+    tel.training.record(loss=loss)
+    tel.step(2)  # sampled: the copy of [1, 1] is started
+    loss.fill_(100.0)  # later in-place changes do not reach the copy already made
+    tel.training.record(loss=torch.tensor(5.0))
+    tel.step(3)
+    tel.training.record(loss=torch.tensor(7.0))
+    tel.step(4)  # forces step 2, starts step 4
+    tel.flush()
+    assert capture.values_of("train/loss") == [1.0, 6.0]
+    assert capture.values_of("train/loss_max") == [1.0, 7.0]
