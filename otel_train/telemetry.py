@@ -434,9 +434,13 @@ class Telemetry:
             self._record_step_durations(durations)
 
     def _record_step_durations(self, durations: list[float]) -> None:
-        record = self.training.step_time.record
-        for duration in durations:
-            record(duration)
+        step_time = self.training.step_time
+        record_many = getattr(step_time, "record_many", None)
+        if record_many is not None:  # our stream: one call for the interval
+            record_many(durations)
+            return
+        for duration in durations:  # an SDK histogram (a view re-aggregates step times)
+            step_time.record(duration)
 
     def _set_values(
         self, values: Mapping[str, float], sink: RecordSink, *, skip: Iterable[str] = ()
