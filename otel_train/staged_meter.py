@@ -29,6 +29,7 @@ from opentelemetry.metrics import (
 
 from otel_train.catalog import InstrumentSpec, describe, max_companion
 from otel_train.errors import OtelTrainError
+from otel_train.nonfinite import series_key
 from otel_train.staging import HistogramSlot, LastSlot, MeanSlot, SumSlot, stage_value
 
 _logger = logging.getLogger(__name__)
@@ -283,11 +284,13 @@ class RecordSink:
         self.board = board
         self.nonfinite = 0
         self.increments: dict[str, float] = {}
+        self.fresh: set[Any] = set()  # gauge series set for this export (see reader.Freshness)
         self._warned: set[str] = set()
 
     def set_gauge(
         self, sdk: Any, name: str, attributes: Mapping[str, Any] | None, value: float
     ) -> None:
+        self.fresh.add(series_key(name, attributes))
         if value - value == 0.0:  # finite (NaN and inf give NaN)
             sdk.set(value, attributes)
             self.board.clear(name, attributes)
@@ -332,6 +335,7 @@ class StagingRegistry:
         self.instruments: dict[str, StagedInstrument] = {}
         self.by_group: dict[str, list[StagedInstrument]] = {}
         self._prometheus_names: dict[str, str] = {}
+        self.gauge_names: set[str] = set()  # every synchronous gauge series we set ourselves
 
     def create(
         self,
@@ -377,6 +381,10 @@ class StagingRegistry:
         instrument = build()
         self.instruments[name] = instrument
         self.by_group.setdefault(self.group_of(name), []).append(instrument)
+        if instrument.kind in ("gauge", "mean", "grouped_mean"):
+            self.gauge_names.add(name)
+            if isinstance(instrument, StagedMean):
+                self.gauge_names.add(instrument.max_name)
         return instrument
 
     def instrument_for(self, name: str) -> StagedInstrument:

@@ -24,7 +24,7 @@ from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
 from otel_train.rates import RateTracker, ThroughputSettings
-from otel_train.reader import StepSampledReader
+from otel_train.reader import Freshness, StepSampledReader
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
@@ -309,7 +309,7 @@ class Telemetry:
             self.training.nonfinite.add(sink.nonfinite)
         self.training.global_step.set(step)
         self._last_exported_step = step
-        self.reader.export_groups(due)
+        self.reader.export_groups(due, Freshness(self._registry.gauge_names, sink.fresh))
 
     def _take_instruments(self, instruments: Sequence[Any]) -> list[tuple[Any, Any, Any]]:
         slots = [(i, k, s) for i in instruments for k, s in i.slots.items() if s.pending()]
@@ -369,7 +369,9 @@ class Telemetry:
         if sink.nonfinite:
             self.training.nonfinite.add(sink.nonfinite)
         self.training.global_step.set(self._last_step)
-        self.reader.export_groups(frozenset({group}))
+        self.reader.export_groups(
+            frozenset({group}), Freshness(self._registry.gauge_names, sink.fresh)
+        )
 
     # -- helpers --------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -279,3 +279,21 @@ def test_dpo_runs_export_no_perplexity(telemetry_factory, capture):
     assert "train/loss" in keys and "eval/loss" in keys
     assert not {k for k in keys if "perplexity" in k}
     assert math.isclose(capture.values_of("final/train_loss")[0], 0.61)
+
+
+def test_a_sampled_step_without_a_new_value_exports_none_rather_than_a_stale_one(
+    telemetry_factory, capture
+):
+    tel = telemetry_factory(exporters=[capture], intervals={"train": 2})
+    reward = tel.meter.create_gauge("train.reward")
+    for step in range(1, 9):
+        if step == 4:
+            tel.record(loss=4.0)
+            reward.set(1.5, {"dataset": "a"})
+        tel.record(tokens=1)
+        tel.step(step)
+    tel.flush()
+    assert capture.steps_with("train/loss") == [4]
+    assert capture.steps_with("train/loss_max") == [4]
+    assert capture.steps_with("train/reward/dataset_a") == [4]
+    assert capture.steps_with("train/num_input_tokens_seen") == [2, 4, 6, 8]  # counters: totals
