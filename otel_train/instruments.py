@@ -44,6 +44,9 @@ class TrainingInstruments:
         self.nonfinite: Counter = meter.create_counter(
             "train.nonfinite", unit="{value}", description="Recorded values that were NaN or inf"
         )
+        # Exported as 0 until the first NaN (Prometheus practice: a counter that does not
+        # exist yet reads "No data", not "none so far").
+        self.nonfinite.add(0)
         self.loss: _Gauge = gauge("train.loss", description="Training loss at the sampled step")
         self.learning_rate: _Gauge = gauge("train.learning_rate", description="Learning rate")
         self.grad_norm: _Gauge = gauge("train.grad_norm", description="Global gradient norm")
