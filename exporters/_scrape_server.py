@@ -74,19 +74,19 @@ class ScrapeServer:
 
     # -- called by the exporter ------------------------------------------------------------
     def wait_until_served(self, version: int, timeout_seconds: float) -> bool:
-        """Wait until a scrape has served `version` (or newer). Returns at once if nobody has
-        ever scraped (no scraper to wait for), and gives up when the scraper's own rhythm
-        says its next scrape is overdue, so a scraper that went away costs little."""
+        """Wait until a scrape has served `version` (or newer), at most `timeout_seconds`.
+
+        Only a scraper with a rhythm is waited for: with fewer than two scrapes so far (nobody
+        scraping, or a one-off look such as the demo's own) it returns at once, and it gives
+        up when the rhythm says the next scrape is overdue (the scraper went away)."""
         deadline = time.monotonic() + max(timeout_seconds, 0.0)
         with self._served:
-            if self.scrapes == 0:
+            if self.scrapes < 2:
                 return False
             while self._served_version < version:
-                limit = deadline
                 times = list(self._scrape_times)
-                if len(times) >= 2:
-                    gap = max(b - a for a, b in zip(times, times[1:], strict=False))
-                    limit = min(deadline, times[-1] + 1.5 * gap + 0.2)
+                gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+                limit = min(deadline, times[-1] + 1.5 * gap + 0.2)
                 remaining = limit - time.monotonic()
                 if remaining <= 0:
                     return False
