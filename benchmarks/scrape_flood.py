@@ -56,7 +56,14 @@ class Flood:
     def __init__(self, url: str, threads: int) -> None:
         parsed = urllib.parse.urlparse(url)
         self._process = subprocess.Popen(
-            [sys.executable, "-c", FLOOD_CLIENT, parsed.hostname or "", str(parsed.port), str(threads)],
+            [
+                sys.executable,
+                "-c",
+                FLOOD_CLIENT,
+                parsed.hostname or "",
+                str(parsed.port),
+                str(threads),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

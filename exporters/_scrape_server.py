@@ -7,6 +7,7 @@ It remembers what each scrape served, so shutdown can wait for the final values 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -85,7 +86,7 @@ class ScrapeServer:
                 return False
             while self._served_version < version:
                 times = list(self._scrape_times)
-                gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+                gap = max(b - a for a, b in itertools.pairwise(times))
                 limit = min(deadline, times[-1] + 1.5 * gap + 0.2)
                 remaining = limit - time.monotonic()
                 if remaining <= 0:

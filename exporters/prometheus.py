@@ -116,9 +116,7 @@ class PrometheusSettings:
         if final_scrape_grace_millis is None:
             raw = env.get(GRACE_ENV)
             try:
-                final_scrape_grace_millis = (
-                    float(raw) if raw else DEFAULT_FINAL_SCRAPE_GRACE_MILLIS
-                )
+                final_scrape_grace_millis = float(raw) if raw else DEFAULT_FINAL_SCRAPE_GRACE_MILLIS
             except ValueError:
                 raise OtelTrainError(
                     f"{GRACE_ENV}={raw!r} is not a number of milliseconds; e.g. 5000, or 0 to "

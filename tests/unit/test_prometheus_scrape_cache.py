@@ -189,7 +189,9 @@ def test_a_scraper_that_went_away_is_not_waited_for(tmp_path: Path) -> None:
     assert not closer.is_alive() and exporter.port is None
 
 
-def test_grace_setting_from_argument_env_and_rejected_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grace_setting_from_argument_env_and_rejected_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert PrometheusSettings.resolve(env={}).final_scrape_grace_millis == 5_000
     assert PrometheusSettings.resolve(env={GRACE_ENV: "250"}).final_scrape_grace_millis == 250
     resolved = PrometheusSettings.resolve(final_scrape_grace_millis=0, env={GRACE_ENV: "250"})
