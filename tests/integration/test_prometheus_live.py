@@ -239,17 +239,22 @@ def test_the_steps_after_the_last_sampled_step_reach_prometheus(
     trainer = _start_trainer(workdir, 0, 1, trainer_ports, "--run", run, "--tail", "3")
     try:
         selector = f'run="{run}"'
-        wait_for(lambda: prometheus.query(f"train_global_step{{{selector}}}"), 30, "a first scrape")
+
+        def last(name: str) -> float | None:
+            # The trainer exits: its series go stale, the last sample stays in range queries.
+            return prometheus.value(f"last_over_time({name}{{{selector}}}[5m])")
+
+        def scraped_twice() -> bool:  # a scraper with a rhythm, as a long run would have
+            count = prometheus.value(f"count_over_time(train_global_step{{{selector}}}[5m])")
+            return count is not None and count >= 2
+
+        wait_for(scraped_twice, 30, "two scrapes of the trainer")
         (workdir / "stop").touch()
         result = wait_for(lambda: _read_json(workdir / "result-rank0.json"), 30, "the stop")
         assert result["step"] % 5 == 3  # the run ended off a sampled step
-
-        def tail_scraped() -> bool:
-            return prometheus.value(f"train_global_step{{{selector}}}") == result["step"]
-
-        wait_for(tail_scraped, 20, "the tail's global step in Prometheus")
-        assert prometheus.value(f"train_tokens_total{{{selector}}}") == result["tokens"]
-        assert prometheus.value(f"final_total_tokens{{{selector}}}") == result["tokens"]
+        wait_for(lambda: last("train_global_step") == result["step"], 20, "the tail scraped")
+        assert last("train_tokens_total") == result["tokens"]
+        assert last("final_total_tokens") == result["tokens"]
     finally:
         _finish([trainer], workdir)
 
