@@ -18,24 +18,22 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
 from exporters._bounded_call import BoundedCall
+from otel_train.catalog import STANDARD_INSTRUMENTS
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 from otel_train.redaction import redact
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT, RowBuilder
 from otel_train.run_context import RunContext
+from otel_train.safe_files import replace_file
 
 _logger = logging.getLogger("otel_train.wandb")
 
 FINAL_PREFIX = "final/"
 RUN_ID_FILE = "wandb_run_id"
 # Summaries W&B keeps per key (define_metric): the best value, and the last one as well.
-MIN_SUMMARY_INSTRUMENTS = (
-    "train.loss", "train.perplexity", "eval.loss", "eval.perplexity", "eval.best_perplexity",
-)  # fmt: skip
-MAX_SUMMARY_INSTRUMENTS = (
-    "perf.mfu", "perf.tokens_per_second", "perf.samples_per_second", "perf.steps_per_second",
-    "perf.flops_per_second",
-)  # fmt: skip
+# W&B run summaries from the one instrument catalog: min for losses, max for throughput.
+MIN_SUMMARY_INSTRUMENTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.summary == "min")
+MAX_SUMMARY_INSTRUMENTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.summary == "max")
 
 
 class WandbMetricExporter(MetricExporter):
@@ -336,7 +334,7 @@ class WandbMetricExporter(MetricExporter):
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(run_id + "\n")
+            replace_file(path, (run_id + "\n").encode())  # never through a planted link
         except OSError as error:
             _logger.warning("otel-train: cannot remember the W&B run id in %s (%s)", path, error)
 

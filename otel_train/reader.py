@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from opentelemetry.sdk.metrics import Histogram
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
     MetricReader,
@@ -21,6 +22,7 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
 )
 
+from otel_train._sdk_compat import exponential_unless_buckets_given
 from otel_train.background import BackgroundExporter
 from otel_train.nonfinite import NonFiniteBoard, with_nonfinite
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT
@@ -39,7 +41,9 @@ class StepSampledReader(MetricReader):
         max_queue_batches: int = 1024,
         nonfinite: NonFiniteBoard | None = None,
     ) -> None:
-        super().__init__()
+        # Histograms without explicit buckets: base-2 exponential buckets, so percentiles of
+        # small values are within a few percent (the SDK default 0, 5, 10, ... is not).
+        super().__init__(preferred_aggregation={Histogram: exponential_unless_buckets_given()})
         self.nonfinite = nonfinite or NonFiniteBoard()
         self._groups = group_index
         self._max_queue_batches = max_queue_batches
@@ -131,7 +135,7 @@ class StepSampledReader(MetricReader):
                     ResourceMetrics(resource.resource, scopes, resource.schema_url)
                 )
         overrides = self.nonfinite.snapshot()
-        due_overrides = {n: v for n, v in overrides.items() if group_of(n) in due}
+        due_overrides = {k: v for k, v in overrides.items() if group_of(k[0]) in due}
         if not has_payload and not due_overrides:
             return None
         return with_nonfinite(MetricsData(resource_metrics), due_overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -22,13 +23,14 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
-from otel_train.staging import Resolved
+from otel_train.catalog import STANDARD_INSTRUMENTS
 
 _logger = logging.getLogger("otel_train.reduction")
 
 # A fixed slot order, identical on every rank: the packed vector must line up element-wise.
-GAUGE_SLOTS = ("train.loss", "train.learning_rate", "train.grad_norm", "train.epoch")
-COUNTER_SLOTS = ("train.tokens", "train.samples")
+# From the catalog: "mean" reductions (loss, lr, grad norm, epoch), "sum" ones (tokens, ...).
+GAUGE_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "mean")
+COUNTER_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "sum")
 
 # Instruments whose values are the all-rank reduction on the rank that keeps it (rank 0) and
 # that rank's own values elsewhere: the reduced slots and what is derived from them (rates
@@ -59,6 +61,14 @@ GLOBAL_SCOPE = "global"
 RANK_SCOPE = "rank"
 
 
+@dataclass(slots=True)
+class Resolved:
+    """This rank's resolved standard values: gauges (interval means) and counter increments."""
+
+    gauges: dict[str, float]
+    counter_increments: dict[str, float]
+
+
 class CrossRankReducer:
     """Packs [value, present] per gauge and the counter increments into one float64 vector."""
 
@@ -75,6 +85,35 @@ class CrossRankReducer:
             return False
         dist = torch.distributed
         return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+    def reduce_taken(self, taken: list[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]]:
+        """The standard values of a sampled step's resolution, reduced across ranks in
+        place of this rank's own (means replace means, sums replace increments)."""
+        if not self.active():
+            return taken
+        local = Resolved(gauges={}, counter_increments={})
+        for instrument, key, value in taken:
+            name = instrument.staged_name
+            if key is not None or value is None:
+                continue
+            if name in GAUGE_SLOTS:
+                local.gauges[name] = value[0] if isinstance(value, tuple) else value
+            elif name in COUNTER_SLOTS and value:
+                local.counter_increments[name] = sum(value)
+        reduced = self.reduce(local)
+        if reduced is local:
+            return taken
+        merged = []
+        for instrument, key, value in taken:
+            name = instrument.staged_name
+            if key is None and value is not None:
+                if name in reduced.gauges and name in local.gauges:
+                    mean = reduced.gauges[name]
+                    value = (mean, *value[1:]) if isinstance(value, tuple) else mean
+                elif name in reduced.counter_increments and name in local.counter_increments:
+                    value = [reduced.counter_increments[name]]
+            merged.append((instrument, key, value))
+        return merged
 
     def reduce(self, resolved: Resolved) -> Resolved:
         """All-reduce `resolved` across ranks. Any failure leaves the local values in place."""

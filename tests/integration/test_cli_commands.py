@@ -83,7 +83,7 @@ def test_report_writes_summary_and_non_empty_pngs(demo_runs: tuple[Path, Path, s
         assert png.startswith(PNG_MAGIC) and len(png) > 10_000, name
     summary = json.loads((run_a / "summary.json").read_text())
     record = read_run(run_a)
-    assert summary["final_loss"] == pytest.approx(record.last("train/loss"))
+    assert summary["final_loss"] == pytest.approx(record.last("final/train_loss"))
     assert summary["best_eval_perplexity"] == pytest.approx(
         min(record.series("eval/perplexity")[1])
     )

@@ -109,7 +109,9 @@ def test_non_finite_host_values_are_recorded_flagged_and_do_not_crash(telemetry_
     assert first["metrics"]["train/loss"] is None and first["metrics"]["train/grad_norm"] is None
     assert first["nonfinite"] == {
         "train/loss": "inf",
+        "train/loss_max": "inf",
         "train/grad_norm": "nan",
+        "train/grad_norm_max": "nan",
         "train/perplexity": "inf",
     }
     assert first["metrics"]["train/learning_rate"] == 1e-4
@@ -135,7 +137,9 @@ def test_output_dir_that_is_a_file_fails_at_setup_with_the_option_to_change(tmp_
 
 
 @pytest.mark.parametrize(
-    ("run", "folder"), [("team/exp-1", "team_exp-1"), ("../../etc", "etc"), ("a..b", "a_b")]
+    ("run", "folder"),
+    # A name that had to change gets a hash of the original: `a/b` never shares `a_b`'s folder.
+    [("team/exp-1", "team_exp-1-"), ("../../etc", "_._.._etc-"), ("a..b", "a..b")],
 )
 def test_run_name_is_made_file_safe_and_kept_verbatim_in_the_data(tmp_path, run, folder):
     tel = otel_train.setup(
@@ -144,7 +148,8 @@ def test_run_name_is_made_file_safe_and_kept_verbatim_in_the_data(tmp_path, run,
     tel.training.record(loss=1.0)
     tel.step(1)
     tel.shutdown()
-    path = tmp_path / folder / "rank0.jsonl"
+    (path,) = tmp_path.glob("*/rank0.jsonl")
+    assert path.parent.name.startswith(folder) and path.parent.name.count("/") == 0
     assert path.parent.resolve().parent == tmp_path.resolve()
     assert json.loads(path.read_text().splitlines()[0])["run"] == run
 

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
 import otel_train
 from otel_train.ranks import RankInfo
@@ -81,28 +82,34 @@ def test_series_carry_run_stage_rank_labels_and_last_sampled_values(tmp_path: Pa
     labels = 'rank="1",run="labels",stage="dpo"'
     reduced = 'rank="1",run="labels",scope="rank",stage="dpo"'  # this rank's own values
     assert f"train_tokens_total{{{reduced}}} 50.0" in text
-    assert f"train_loss{{{reduced}}} 0.2" in text
+    mean_loss = sum(1.0 / step for step in range(1, 6)) / 5  # the interval mean, steps 1-5
+    assert f"train_loss{{{reduced}}} {floatToGoString(mean_loss)}" in text
+    assert f"train_loss_max{{{labels}}} 1.0" in text  # the interval max is not reduced
     assert f"train_global_step{{{labels}}} 5.0" in text
 
 
 def test_a_scrape_never_resolves_staged_values(tmp_path: Path) -> None:
     """A scrape between sampled steps reads the SDK's values, never the staged ones."""
 
-    class Staged:
-        """Stands in for a device tensor: counts how often something converts it."""
+    torch = pytest.importorskip("torch")
+
+    class Staged(torch.Tensor):
+        """A tensor that counts every copy of its value to the host."""
 
         conversions = 0
 
-        def __float__(self) -> float:
-            Staged.conversions += 1
-            return 3.0
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in {"item", "tolist", "__float__", "cpu", "numpy"}:
+                Staged.conversions += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
 
     exporter = PrometheusExporter(port=0)
     with otel_train.setup(
         run="nosync", output_dir=tmp_path, exporters=(exporter,), intervals={"train": 10}
     ) as tel:
         assert exporter.url is not None
-        tel.training.record(loss=Staged())
+        tel.training.record(loss=torch.tensor(3.0).as_subclass(Staged))
         tel.step(1)
         for _ in range(3):
             _scrape(exporter.url)

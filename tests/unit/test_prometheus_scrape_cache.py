@@ -110,7 +110,7 @@ def test_a_nan_loss_scrapes_as_nan_then_the_next_finite_value(tmp_path: Path) ->
         assert tel.flush()
         text = _scrape(exporter.url)
         assert math.isnan(_samples(text, "train_loss")[0][1])  # not the last good 2.0
-        assert _samples(text, "train_nonfinite_total")[0][1] == 2.0  # loss and perplexity
+        assert _samples(text, "train_nonfinite_total")[0][1] == 3.0  # loss, max, perplexity
         _train(tel, 3, 3, loss=0.75)
         assert tel.flush()
         assert _samples(_scrape(exporter.url), "train_loss")[0][1] == 0.75
