@@ -62,6 +62,9 @@ class TrainingInstruments:
         )
         # The SDK instrument behind the staged counter: the telemetry adds resolved counts.
         self.nonfinite = self.standard["train.nonfinite"].sdk
+        # Exported as 0 until the first NaN (Prometheus practice: a counter that does not
+        # exist yet reads "No data", not "none so far").
+        self.nonfinite.add(0)
         self.step_time: Histogram = direct.create_histogram(
             "perf.step_time", unit="s", description="Wall time between consecutive steps"
         )
