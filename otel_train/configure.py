@@ -141,6 +141,9 @@ def setup(
         resume=resume or resume_step > 0,
         namer=KeyNamer(key_overrides, preset=key_preset),
         total_steps=total_steps,
+        exports_global_values=reduce_across_ranks
+        and rank_info.rank == 0
+        and rank_info.world_size > 1,
     )
     # Everything that can reject the options runs before any exporter opens a file, binds
     # a port or starts W&B: a rejected setup leaves nothing running.

@@ -12,10 +12,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.sdk.metrics import Histogram
 from opentelemetry.sdk.metrics.export import (
+    Gauge,
     Metric,
     MetricExporter,
     MetricReader,
@@ -29,7 +31,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from otel_train._sdk_compat import exponential_unless_buckets_given
 from otel_train.background import BackgroundExporter
 from otel_train.naming import KeyNamer
-from otel_train.nonfinite import NonFiniteBoard, with_nonfinite
+from otel_train.nonfinite import NonFiniteBoard, SeriesKey, series_key, with_nonfinite
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT, SharedRows, StepBatch
 from otel_train.sampling import GroupIndex
 
@@ -114,14 +116,20 @@ class StepSampledReader(MetricReader):
         direct: Mapping[InstrumentationScope, Sequence[Metric]] | None = None,
         *,
         collect_sdk: bool = True,
+        fresh: Freshness | None = None,
     ) -> None:
         """Queue the metrics of `groups` for every exporter: `direct` (built by the telemetry
-        from its streams) plus, with `collect_sdk`, what the SDK holds for those groups.
-        Never raises."""
+        from its streams, gauges only where set for this export) plus, with `collect_sdk`,
+        what the SDK holds for those groups. Never raises.
+
+        `fresh`: which series of the gauges we set on SDK instruments were set for this
+        export. The SDK's gauges repeat their last value at every collection; a gauge series
+        not set since the previous export of its group is left out (absent, never stale).
+        """
         if self._shut_down or not groups:
             return
         collected = self._collect_sdk(groups) if collect_sdk else None
-        batch = self._batch(groups, direct or {}, collected)
+        batch = self._batch(groups, direct or {}, collected, fresh)
         if batch is None:
             return
         for worker in self._exporters:
@@ -156,6 +164,7 @@ class StepSampledReader(MetricReader):
         due: frozenset[str],
         direct: Mapping[InstrumentationScope, Sequence[Metric]],
         collected: MetricsData | None,
+        fresh: Freshness | None = None,
     ) -> MetricsData | None:
         group_of = self._groups.group_of
         has_payload = any(
@@ -169,14 +178,23 @@ class StepSampledReader(MetricReader):
             for collected_resource in collected.resource_metrics:
                 resource = collected_resource.resource
                 for scope_metrics in collected_resource.scope_metrics:
-                    kept = [m for m in scope_metrics.metrics if group_of(m.name) in due]
+                    kept = [
+                        current
+                        for metric in scope_metrics.metrics
+                        if group_of(metric.name) in due
+                        if (current := _without_stale(metric, fresh)) is not None
+                    ]
                     if kept:
                         has_payload = True
                         scopes.setdefault(scope_metrics.scope, []).extend(kept)
         for scope, metrics in direct.items():
             scopes.setdefault(scope, []).extend(metrics)
         overrides = self.nonfinite.snapshot()  # non-finite values of SDK-held gauges
-        due_overrides = {k: v for k, v in overrides.items() if group_of(k[0]) in due}
+        due_overrides = {
+            k: v
+            for k, v in overrides.items()
+            if group_of(k[0]) in due and (fresh is None or k in fresh.series)
+        }
         if not has_payload and not due_overrides:
             return None
         resource_metrics = [
@@ -226,3 +244,26 @@ class StepSampledReader(MetricReader):
             closer.start()
         for closer in closers:
             closer.join(max(0.0, deadline - time.monotonic()) + 0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """The synchronous gauges we own (`names`) and which of their series were just set."""
+
+    names: frozenset[str] | set[str]
+    series: set[SeriesKey]
+
+
+def _without_stale(metric: Metric, fresh: Freshness | None) -> Metric | None:
+    if fresh is None or metric.name not in fresh.names or not isinstance(metric.data, Gauge):
+        return metric
+    points = [
+        point
+        for point in metric.data.data_points
+        if series_key(metric.name, point.attributes) in fresh.series
+    ]
+    if len(points) == len(metric.data.data_points):
+        return metric
+    if not points:
+        return None
+    return Metric(metric.name, metric.description, metric.unit, Gauge(points))

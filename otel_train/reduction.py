@@ -5,6 +5,7 @@ increments (tokens, samples) the sum. Every rank reaches the same sampled steps 
 by step), so the collective cannot deadlock a healthy job; every rank must call `step()`.
 The collective is issued at the sampled step with `async_op=True` on a vector packed on the
 device (no sync), and awaited with the step's transfer: on CUDA the training thread never waits.
+Label-based backends tell the all-rank values apart by a `scope` attribute (`with_scope`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Metric,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+
 from otel_train.catalog import STANDARD_INSTRUMENTS
 
 _logger = logging.getLogger("otel_train.reduction")
@@ -24,6 +35,34 @@ _logger = logging.getLogger("otel_train.reduction")
 GAUGE_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "mean")
 COUNTER_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "sum")
 REDUCED = frozenset((*GAUGE_SLOTS, *COUNTER_SLOTS))
+
+# Instruments whose values are the all-rank reduction on the rank that keeps it (rank 0) and
+# that rank's own values elsewhere: the reduced slots and what is derived from them (rates
+# from the global token count, perplexity from the mean loss, epoch/final totals).
+REDUCED_INSTRUMENTS: frozenset[str] = frozenset(
+    {
+        *GAUGE_SLOTS,
+        *COUNTER_SLOTS,
+        "train.perplexity",
+        "perf.tokens_per_second",
+        "perf.samples_per_second",
+        "perf.flops_per_second",
+        "perf.mfu",
+        "epoch.tokens",
+        "epoch.samples",
+        "epoch.tokens_per_second",
+        "epoch.train_loss_mean",
+        "final.total_tokens",
+        "final.total_samples",
+        "final.train_loss",
+    }
+)
+# The attribute label-based backends (Prometheus, OTLP via a collector) get on those
+# instruments: "global" on the reducing rank, "rank" everywhere else. A sum over ranks of the
+# "rank" series never includes a global value; the dashboard prefers "global" where it exists.
+SCOPE_ATTRIBUTE = "scope"
+GLOBAL_SCOPE = "global"
+RANK_SCOPE = "rank"
 
 
 @dataclass(slots=True)
@@ -244,3 +283,48 @@ def unpack(summed: list[float], local: Resolved) -> Resolved:
         if total or name in increments:
             increments[name] = total
     return Resolved(gauges=gauges, counter_increments=increments)
+
+
+def with_scope(metrics_data: MetricsData, *, global_values: bool) -> MetricsData:
+    """A copy of `metrics_data` whose data points of `REDUCED_INSTRUMENTS` carry
+    `scope="global"` (this rank exports the all-rank values) or `scope="rank"`.
+
+    Only label-based exporters call this: JSON lines and W&B rows are per rank already, and
+    their keys must not change with the attribute.
+    """
+    scope = GLOBAL_SCOPE if global_values else RANK_SCOPE
+    resources = []
+    changed = False
+    for resource in metrics_data.resource_metrics:
+        scopes = []
+        for scope_metrics in resource.scope_metrics:
+            metrics = []
+            for metric in scope_metrics.metrics:
+                if metric.name in REDUCED_INSTRUMENTS:
+                    metric = _scoped(metric, scope)
+                    changed = True
+                metrics.append(metric)
+            scopes.append(ScopeMetrics(scope_metrics.scope, metrics, scope_metrics.schema_url))
+        resources.append(ResourceMetrics(resource.resource, scopes, resource.schema_url))
+    return MetricsData(resources) if changed else metrics_data
+
+
+def _scoped(metric: Metric, scope: str) -> Metric:
+    data = metric.data
+    if not isinstance(data, (Gauge, Sum)):
+        return metric  # no reduced instrument is a histogram
+    points = [
+        NumberDataPoint(
+            attributes={**(point.attributes or {}), SCOPE_ATTRIBUTE: scope},
+            start_time_unix_nano=point.start_time_unix_nano,
+            time_unix_nano=point.time_unix_nano,
+            value=point.value,
+            exemplars=point.exemplars,
+        )
+        for point in data.data_points
+    ]
+    if isinstance(data, Sum):
+        scoped: Gauge | Sum = Sum(points, data.aggregation_temporality, data.is_monotonic)
+    else:
+        scoped = Gauge(points)
+    return Metric(metric.name, metric.description, metric.unit, scoped)

@@ -75,6 +75,9 @@ class RunContext:
     resume: bool = False
     namer: KeyNamer = field(default_factory=KeyNamer)
     total_steps: int | None = None
+    # reduce_across_ranks=True on rank 0 of a multi-rank job: the reduced instruments hold
+    # all-rank values here, so label-based exporters tag them scope="global".
+    exports_global_values: bool = False
 
     def __post_init__(self) -> None:
         file_safe_run_name(self.run)  # a run that cannot name a folder fails before any export

@@ -129,24 +129,37 @@ class SumStream(Stream):
 
 
 class GaugeStream(Stream):
-    """Last value per series, exported at every collect once set (the SDK's synchronous
-    gauge under cumulative temporality); NaN and inf are kept, not dropped."""
+    """Last value per series. NaN and inf are kept, not dropped. A step-sampled export shows
+    only the series set since the previous one (never a stale value: absent instead); any
+    other reader gets every series' last value, as the SDK's synchronous gauge gives it."""
 
     kind = "gauge"
 
     def set(self, value: Any, attributes: Mapping[str, Any] | None = None) -> None:
         entry = self.series.get(None) if not attributes else None
         if entry is None:
-            entry = self._series(attributes, value)
+            entry = self._series(attributes, value, True)
         entry[2] = value
+        entry[3] = True  # set since the last step-sampled export
 
-    def metric(self, now: int, memory: dict[Any, Any] | None = None) -> Metric | None:
+    def metric(
+        self, now: int, memory: dict[Any, Any] | None = None, *, fresh_only: bool = False
+    ) -> Metric | None:
         if not self.series:
             return None
-        points = [
-            NumberDataPoint(attributes, None, now, value)  # type: ignore[arg-type]
-            for attributes, _start, value in self.series.values()
-        ]
+        if fresh_only:
+            points = []
+            for entry in self.series.values():
+                if entry[3]:
+                    entry[3] = False
+                    points.append(NumberDataPoint(entry[0], None, now, entry[2]))  # type: ignore[arg-type]
+            if not points:
+                return None
+        else:
+            points = [
+                NumberDataPoint(attributes, None, now, value)  # type: ignore[arg-type]
+                for attributes, _start, value, _fresh in self.series.values()
+            ]
         return Metric(self.name, self.description, self.unit, Gauge(points))
 
 
@@ -267,7 +280,10 @@ class StreamSet:
         kept: list[Metric] = []
         for streams in (*(self.by_group.get(group, ()) for group in groups), self.always):
             for stream in streams:
-                metric = stream.metric(now)
+                if type(stream) is GaugeStream:
+                    metric = stream.metric(now, fresh_only=True)
+                else:
+                    metric = stream.metric(now)
                 if metric is None:
                     continue
                 if stream.scope is not scope:  # nearly always one scope: hash it rarely

@@ -34,6 +34,7 @@ from opentelemetry.metrics import (
 from otel_train._sdk_compat import scope_of, sdk_instrument_names
 from otel_train.catalog import InstrumentSpec, describe, max_companion
 from otel_train.errors import OtelTrainError
+from otel_train.nonfinite import series_key
 from otel_train.series import (
     AttributeKey,
     GaugeStream,
@@ -296,16 +297,19 @@ class RecordSink:
         self.board = board
         self.nonfinite = 0
         self.increments: dict[str, float] = {}
+        self.fresh: set[Any] = set()  # gauge series set for this export (see reader.Freshness)
         self._warned: set[str] = set()
 
     def set_gauge(
         self, sdk: Any, name: str, attributes: Mapping[str, Any] | None, value: float
     ) -> None:
-        if type(sdk) is GaugeStream:  # keeps NaN itself: no board needed
+        if type(sdk) is GaugeStream:  # keeps NaN itself, and knows what was set: no board
             sdk.set(value, attributes)
             if value - value != 0.0:
                 self.nonfinite += 1
-        elif value - value == 0.0:  # finite (NaN and inf give NaN)
+            return
+        self.fresh.add(series_key(name, attributes))
+        if value - value == 0.0:  # finite (NaN and inf give NaN)
             sdk.set(value, attributes)
             self.board.clear(name, attributes)
         else:
@@ -351,6 +355,7 @@ class StagingRegistry:
         self.instruments: dict[str, StagedInstrument] = {}
         self.by_group: dict[str, list[StagedInstrument]] = {}
         self._prometheus_names: dict[str, str] = {}
+        self.gauge_names: set[str] = set()  # every synchronous gauge series we set ourselves
         self.streams = streams if streams is not None else StreamSet(_empty_resource())
         self._needs_sdk = needs_sdk  # a view changes aggregation or attributes: the SDK's job
         self.sdk_groups: set[str] = set()  # groups whose export needs an SDK collect
@@ -454,6 +459,10 @@ class StagingRegistry:
         instrument = build()
         self.instruments[name] = instrument
         self.by_group.setdefault(self.group_of(name), []).append(instrument)
+        if instrument.kind in ("gauge", "mean", "grouped_mean"):
+            self.gauge_names.add(name)
+            if isinstance(instrument, StagedMean):
+                self.gauge_names.add(instrument.max_name)
         return instrument
 
     def instrument_for(self, name: str) -> StagedInstrument:

@@ -27,8 +27,8 @@ from otel_train.catalog import BY_NAME, CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
-from otel_train.rates import RateTracker, ThroughputSettings
-from otel_train.reader import StepSampledReader
+from otel_train.rates import IntervalListener, RateTracker, ThroughputSettings
+from otel_train.reader import Freshness, StepSampledReader
 from otel_train.reduction import REDUCED, CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
@@ -144,6 +144,24 @@ class Telemetry:
     @property
     def last_step(self) -> int:
         return self._last_step
+
+    def interval(self, group: str) -> int | None:
+        """Steps between exports of `group` (None: an event group, or no such group)."""
+        return self._groups.intervals.get(group)
+
+    @property
+    def perplexity(self) -> bool:
+        """Whether train/eval perplexity is derived from the loss (cross-entropy stages)."""
+        return self.summaries.perplexity
+
+    @perplexity.setter
+    def perplexity(self, enabled: bool) -> None:
+        """Integrations that learn the real stage (a TRL DPOConfig) switch it off."""
+        self.summaries.perplexity = bool(enabled)
+
+    def add_interval_listener(self, listener: IntervalListener) -> None:
+        """Be told each perf interval's tokens as it ends (e.g. GPU energy per token)."""
+        self._rates.listeners.append(listener)
 
     def __enter__(self) -> Telemetry:
         return self
@@ -393,7 +411,9 @@ class Telemetry:
                 self.training.nonfinite.add(sink.nonfinite)
             self.training.global_step.set(job.step)
             direct = streams.metrics_for(job.due, job.time_nanos)
-        self.reader.export_groups(job.due, direct, collect_sdk=self._sdk_due(job.due))
+        self.reader.export_groups(
+            job.due, direct, collect_sdk=self._sdk_due(job.due), fresh=self._fresh(sink)
+        )
 
     def _apply(self, resolved: list[tuple[Any, Any, Any]]) -> RecordSink:
         sink = RecordSink(self.reader.nonfinite)
@@ -460,7 +480,13 @@ class Telemetry:
                 self.training.nonfinite.add(sink.nonfinite)
             self.training.global_step.set(self._last_step)
             direct = streams.metrics_for(groups, time_ns())
-        self.reader.export_groups(groups, direct, collect_sdk=self._sdk_due(groups))
+        self.reader.export_groups(
+            groups, direct, collect_sdk=self._sdk_due(groups), fresh=self._fresh(sink)
+        )
+
+    def _fresh(self, sink: RecordSink) -> Freshness:
+        """The gauges set on SDK instruments for this export (streams know it themselves)."""
+        return Freshness(self._registry.gauge_names, sink.fresh)
 
     def _sdk_due(self, groups: frozenset[str]) -> bool:
         """Whether exporting `groups` needs an SDK collect (observables, SDK-held values)."""
@@ -493,10 +519,11 @@ class Telemetry:
 
         def observe(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
+                # Every exporter, 0 included: a counter that only appears at the first
+                # failure leaves "failures so far" panels without data.
                 return [
                     Observation(getattr(worker, attribute), {"exporter": worker.name})
                     for worker in self.reader.exporters
-                    if getattr(worker, attribute)
                 ]
 
             return self.reader.sampled_callback("health", callback)

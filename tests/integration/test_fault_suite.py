@@ -128,6 +128,7 @@ def test_prometheus_scrape_shows_nan_for_a_nan_loss(tmp_path):
     try:
         tel.training.record(loss=math.nan)
         tel.step(1)
+        assert tel.flush()  # a scrape serves what the export thread has delivered
         ours = sorted(set(listening_ports()) - before)
         assert ours
         address, port = ours[0]

@@ -161,14 +161,14 @@ def test_bad_max_queue_and_total_steps(tmp_path):
         otel_train.setup(run="x", output_dir=tmp_path, exporters=(), total_steps=-1)
 
 
-def test_a_non_finite_gauge_stays_non_finite_until_a_finite_value_replaces_it(
-    telemetry_factory, capture
-):
-    """The SDK drops NaN and would keep exporting the last good loss: we must not."""
+def test_a_non_finite_gauge_is_never_shown_as_the_last_good_value(telemetry_factory, capture):
+    """The SDK drops NaN and would keep exporting the last good loss: we must not. A step
+    that recorded no loss exports none (absent), neither the NaN nor the last good one."""
     tel = telemetry_factory(exporters=[capture], intervals={"train": 1})
     for step, loss in ((1, 1.0), (2, float("nan")), (3, None), (4, 0.5)):
         tel.training.record(loss=loss, tokens=1)
         tel.step(step)
     tel.flush()
     losses = capture.values_of("train/loss")
-    assert losses[0] == 1.0 and math.isnan(losses[1]) and math.isnan(losses[2]) and losses[3] == 0.5
+    assert capture.steps_with("train/loss") == [1, 2, 4]
+    assert losses[0] == 1.0 and math.isnan(losses[1]) and losses[2] == 0.5

@@ -191,10 +191,11 @@ def test_prometheus_names_of_the_energy_metrics_pass_promtool(gpu_host, clock):
 
     reader = PrometheusExporter(port=0)
     tel = otel_train.setup(
-        run="prom-energy", exporters=[reader], intervals={"perf": 10}, clock=clock
+        run="prom-energy", exporters=[reader], intervals={"perf": 10, "gpu": 10}, clock=clock
     )
     try:
         _steps(tel, clock, range(1, 11), gpu_host, joules_per_step=(1.0, 20.0))
+        tel.flush()  # Prometheus serves what the step-sampled export delivered
         assert reader.url is not None
         with urllib.request.urlopen(reader.url, timeout=10) as response:
             exposition = response.read().decode()

@@ -113,11 +113,6 @@ def test_logging_less_often_than_the_train_interval_warns_once_with_both_fixes(
     assert "logging_steps=2" in warned[0] and "intervals={'train': 4}" in warned[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core (issue 10): a sampled step with no new value re-exports the SDK gauge's "
-    "last value, so step 6 shows step 4's loss as its interval mean",
-)
 def test_logging_less_often_than_the_train_interval_shows_no_stale_value(
     telemetry_factory, capture, tmp_path
 ):

@@ -20,10 +20,18 @@ pytest.importorskip("opentelemetry.exporter.prometheus")
 from exporters.prometheus import (
     DEFAULT_ADDRESS,
     DEFAULT_PORT,
+    GRACE_ENV,
     PORT_ENV,
     PrometheusExporter,
     PrometheusSettings,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_final_scrape_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests scrape once and exit: shutdown must not wait for a scraper's next visit
+    (the grace has its own tests, in tests/unit/test_prometheus_scrape_cache.py)."""
+    monkeypatch.setenv(GRACE_ENV, "0")
 
 
 def _scrape(url: str) -> str:
@@ -69,12 +77,14 @@ def test_series_carry_run_stage_rank_labels_and_last_sampled_values(tmp_path: Pa
     ) as tel:
         assert exporter.url is not None and exporter.url.startswith("http://127.0.0.1:")
         _train(tel, 7)  # sampled at 5; steps 6-7 are staged, not yet exported
+        assert tel.flush()  # the export thread has handed step 5 to the endpoint
         text = _scrape(exporter.url)
     labels = 'rank="1",run="labels",stage="dpo"'
-    assert f"train_tokens_total{{{labels}}} 50.0" in text
+    reduced = 'rank="1",run="labels",scope="rank",stage="dpo"'  # this rank's own values
+    assert f"train_tokens_total{{{reduced}}} 50.0" in text
     mean_loss = sum(1.0 / step for step in range(1, 6)) / 5  # the interval mean, steps 1-5
-    assert f"train_loss{{{labels}}} {floatToGoString(mean_loss)}" in text
-    assert f"train_loss_max{{{labels}}} 1.0" in text
+    assert f"train_loss{{{reduced}}} {floatToGoString(mean_loss)}" in text
+    assert f"train_loss_max{{{labels}}} 1.0" in text  # the interval max is not reduced
     assert f"train_global_step{{{labels}}} 5.0" in text
 
 
@@ -113,10 +123,11 @@ def test_two_setups_in_one_process_serve_separately_and_free_their_port(tmp_path
     try:
         _train(tel_a, 10)
         _train(tel_b, 10, tokens=3)
+        assert tel_a.flush() and tel_b.flush()
         assert first.url and second.url and first.port != second.port
         text_a, text_b = _scrape(first.url), _scrape(second.url)
         assert 'run="a"' in text_a and 'run="b"' not in text_a
-        assert 'train_tokens_total{rank="0",run="b",stage="train"} 30.0' in text_b
+        assert 'train_tokens_total{rank="0",run="b",scope="rank",stage="train"} 30.0' in text_b
     finally:
         port = first.port
         tel_a.shutdown()
@@ -136,6 +147,7 @@ def test_port_is_base_plus_local_rank(tmp_path: Path, monkeypatch: pytest.Monkey
     )
     try:
         _train(tel, 10)
+        assert tel.flush()
         assert 'train_tokens_total{rank="3",run="ports"' in _scrape(
             f"http://127.0.0.1:{base + 3}/metrics"
         )
@@ -175,6 +187,7 @@ def test_a_collect_without_a_scrape_does_not_duplicate_families(tmp_path: Path) 
         _train(tel, 10)
         tel.provider.force_flush()
         tel.provider.force_flush()
+        assert tel.flush()
         assert exporter.url is not None
         text = _scrape(exporter.url)
     type_lines = [line for line in text.splitlines() if line.startswith("# TYPE ")]

@@ -222,8 +222,10 @@ def test_prometheus_names_of_the_system_metrics_pass_promtool(telemetry_factory)
     from exporters.prometheus import PrometheusExporter
 
     reader = PrometheusExporter(port=0)
-    tel = telemetry_factory(exporters=[reader], gpu_metrics=False)
+    # Prometheus serves what the step-sampled export delivered: run to a gpu-sampled step.
+    tel = telemetry_factory(exporters=[reader], gpu_metrics=False, intervals={"gpu": 2})
     _run(tel, range(1, 3))
+    tel.flush()
     assert reader.url is not None
     with urllib.request.urlopen(reader.url, timeout=10) as response:
         exposition = response.read().decode()
