@@ -409,6 +409,8 @@ class Telemetry:
                 self._set_values(rates, sink)
             if sink.nonfinite:
                 self.training.nonfinite.add(sink.nonfinite)
+            if "health" in job.due:
+                self._update_health()
             self.training.global_step.set(job.step)
             direct = streams.metrics_for(job.due, job.time_nanos)
         self.reader.export_groups(
@@ -515,31 +517,34 @@ class Telemetry:
             signals.deliver_deferred()
 
     def _register_health_instruments(self) -> None:
-        """Exporter drops and failures as counters: visible where the other metrics are."""
+        """Exporter drops and failures as counters: visible where the other metrics are.
 
-        def observe(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-            def callback(options: CallbackOptions) -> Iterable[Observation]:
-                # Every exporter, 0 included: a counter that only appears at the first
-                # failure leaves "failures so far" panels without data.
-                return [
-                    Observation(getattr(worker, attribute), {"exporter": worker.name})
-                    for worker in self.reader.exporters
-                ]
+        Streams, set from the export queues' tallies when the health group is exported (an
+        observable instrument would cost an SDK collect on every perf-sampled step)."""
+        meter = self._registry.sdk_meter
+        self._health: list[tuple[str, Any, dict[str, int]]] = [
+            (
+                attribute,
+                self._registry.output(meter, "counter", name, "{batch}", description),
+                {},
+            )
+            for attribute, name, description in (
+                ("dropped", "otel_train.export.dropped",
+                 "Batches an exporter dropped because its queue was full"),
+                ("failed", "otel_train.export.failed", "Batches an exporter failed to deliver"),
+            )
+        ]  # fmt: skip
 
-            return self.reader.sampled_callback("health", callback)
-
-        self._meter.create_observable_counter(
-            "otel_train.export.dropped",
-            callbacks=[observe("dropped")],
-            unit="{batch}",
-            description="Batches an exporter dropped because its queue was full",
-        )
-        self._meter.create_observable_counter(
-            "otel_train.export.failed",
-            callbacks=[observe("failed")],
-            unit="{batch}",
-            description="Batches an exporter failed to deliver",
-        )
+    def _update_health(self) -> None:
+        """Every exporter, 0 included: a counter that only appears at the first failure
+        leaves "failures so far" panels without data. Caller holds the streams' lock."""
+        for attribute, stream, reported in self._health:
+            for worker in self.reader.exporters:
+                total = getattr(worker, attribute)
+                previous = reported.get(worker.name)
+                if previous is None or total != previous:
+                    stream.add(total - (previous or 0), {"exporter": worker.name})
+                    reported[worker.name] = total
 
     def _disable_in_forked_child(self) -> None:
         """Called in a forked child (os.register_at_fork): export nothing, take no lock the
