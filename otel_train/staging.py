@@ -388,20 +388,24 @@ class DeviceTransfer:
     """
 
     def start(self, requests: Sequence[Sequence[Any]]) -> PendingValues:
-        by_device: dict[Any, list[tuple[int, Any]]] = {}
+        by_device: dict[Any, tuple[list[Any], list[tuple[int, int]]]] = {}
         for index, tensors in enumerate(requests):
             for tensor in tensors:
-                by_device.setdefault(tensor.device, []).append((index, tensor))
+                entry = by_device.get(tensor.device)
+                if entry is None:
+                    entry = by_device[tensor.device] = ([], [])
+                entry[0].append(tensor)
+                entry[1].append((index, 1))
         if not by_device:
             return PendingValues(len(requests), [])
         import torch
 
         copies = []
-        for device, items in by_device.items():
+        for device, (tensors, items) in by_device.items():
             kind = getattr(device, "type", "")
-            tensors = [tensor for _, tensor in items]
             packed, counts = _packed(torch, tensors, kind)
-            sizes = [(index, count) for (index, _), count in zip(items, counts, strict=True)]
+            if counts is not None:  # some tensors held more than one value
+                items = [(index, count) for (index, _), count in zip(items, counts, strict=True)]
             event = None
             if kind == "cuda":
                 host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -409,22 +413,38 @@ class DeviceTransfer:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))
                 packed = host
-            copies.append((sizes, packed, event))
+            copies.append((_merged_runs(items), packed, event))
         return PendingValues(len(requests), copies)
 
 
-def _packed(torch: Any, tensors: list[Any], kind: str) -> tuple[Any, list[int]]:
+def _merged_runs(items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(request, count) runs: consecutive values of one request read back in one slice."""
+    runs: list[tuple[int, int]] = []
+    for index, count in items:
+        if runs and runs[-1][0] == index:
+            runs[-1] = (index, runs[-1][1] + count)
+        else:
+            runs.append((index, count))
+    return runs
+
+
+def _packed(torch: Any, tensors: list[Any], kind: str) -> tuple[Any, list[int] | None]:
     """One new tensor holding every value (as of now, whatever comes next) and the element
-    count of each input, with as few torch calls as possible (each costs microseconds).
+    count of each input (None: one each), with as few torch calls as possible (each costs
+    microseconds).
 
     One floating dtype: kept as is (float32 -> Python float is exact). Mixed or integer
     dtypes: widened to float64 (float32 on MPS), so every value reads back as a float.
     """
-    dtype = tensors[0].dtype
-    if dtype.is_floating_point and all(t.dtype == dtype for t in tensors):
-        if all(t.dim() == 0 for t in tensors):
-            return torch.stack(tensors), [1] * len(tensors)
-        flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and tensors[0].dtype.is_floating_point:
+        try:
+            stacked = torch.stack(tensors)  # staged values are 0-dim: the usual case
+        except RuntimeError:  # 0-dim and 1-D (a folded histogram part) mixed
+            stacked = None
+        if stacked is not None and stacked.dim() == 1:
+            return stacked, None
+        flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]  # per-group sums...
         return torch.cat(flat), [t.numel() for t in flat]
     wide = torch.float32 if kind == "mps" else torch.float64
     flat = [t.reshape(-1).to(wide) for t in tensors]
