@@ -98,3 +98,8 @@ def sdk_instrument_names(provider: Any) -> list[str]:
             instrument.name for instrument in list(meter._instrument_id_instrument.values())
         )
     return names
+
+
+def sdk_instrument_count(provider: Any) -> int:
+    """How many instruments an SDK MeterProvider holds (cheap: a few `len`s)."""
+    return sum(len(meter._instrument_id_instrument) for meter in list(provider._meters.values()))

@@ -31,7 +31,7 @@ from opentelemetry.metrics import (
     _Gauge,
 )
 
-from otel_train._sdk_compat import scope_of, sdk_instrument_names
+from otel_train._sdk_compat import scope_of, sdk_instrument_count, sdk_instrument_names
 from otel_train.catalog import InstrumentSpec, describe, max_companion
 from otel_train.errors import OtelTrainError
 from otel_train.nonfinite import series_key
@@ -410,9 +410,10 @@ class StagingRegistry:
         """Instruments other code created on the SDK provider itself (e.g. the system metrics
         instrumentation) are exported by an SDK collect too: find their groups (cheap when
         nothing changed: one count)."""
-        names = sdk_instrument_names(provider)
-        if len(names) != self._sdk_instrument_count:
-            self._sdk_instrument_count = len(names)
+        count = sdk_instrument_count(provider)
+        if count != self._sdk_instrument_count:
+            names = sdk_instrument_names(provider)
+            self._sdk_instrument_count = count
             self.sdk_groups.update(self.group_of(name) for name in names)
 
     def create(
