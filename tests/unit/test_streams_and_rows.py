@@ -111,3 +111,30 @@ def test_one_row_per_batch_serves_every_exporter_sharing_the_namer(telemetry_fac
     assert first.values_of("perf/step_time")[-1] == pytest.approx(
         second.values_of("perf/step_time")[-1]
     )
+
+
+def test_the_sdk_private_attributes_we_read_are_where_we_expect():
+    """otel_train._sdk_compat reads a few SDK internals; an SDK release that moves them fails
+    here, not silently in an export."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+
+    from otel_train import _sdk_compat
+
+    reader = InMemoryMetricReader()
+    resource = Resource.create({"run": "compat"})
+    provider = MeterProvider(metric_readers=[reader], resource=resource)
+    meter = provider.get_meter("otel_train", "1.0")
+    meter.create_counter("a.count")
+    meter.create_observable_gauge("a.gauge", callbacks=[lambda options: []])
+    assert _sdk_compat.scope_of(meter).name == "otel_train"
+    assert _sdk_compat.scope_of(meter).version == "1.0"
+    assert _sdk_compat.resource_of(provider) is resource
+    assert _sdk_compat.sdk_instrument_count(provider) == 2
+    assert sorted(_sdk_compat.sdk_instrument_names(provider)) == ["a.count", "a.gauge"]
+    assert _sdk_compat.temporality_of(reader)  # keyed by the SDK's instrument classes
+    seen = []
+    _sdk_compat.add_to_collect(reader, lambda _reader, data: seen.append(data) or data)
+    reader.get_metrics_data()
+    assert len(seen) == 1
+    provider.shutdown()
