@@ -388,6 +388,34 @@ class DeviceTransfer:
     """
 
     def start(self, requests: Sequence[Sequence[Any]]) -> PendingValues:
+        import torch
+
+        every = [tensor for tensors in requests for tensor in tensors]
+        if not every:
+            return PendingValues(len(requests), [])
+        # The usual case in one torch call: one device, one float dtype, 0-dim values (stack
+        # refuses mixed devices or shapes; mixed dtypes are checked, as it would promote).
+        if len({t.dtype for t in every}) == 1 and every[0].dtype.is_floating_point:
+            try:
+                packed = torch.stack(every)
+            except RuntimeError:
+                packed = None
+            if packed is not None and packed.dim() == 1:
+                runs = [(index, len(tensors)) for index, tensors in enumerate(requests) if tensors]
+                return PendingValues(len(requests), [self._copied(torch, runs, packed)])
+        return self._per_device(torch, requests)
+
+    def _copied(self, torch: Any, runs: list[tuple[int, int]], packed: Any) -> tuple[Any, ...]:
+        """CUDA: a non-blocking copy into pinned host memory and its event; else as is."""
+        if packed.device.type != "cuda":
+            return (runs, packed, None)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(packed.device))
+        return (runs, host, event)
+
+    def _per_device(self, torch: Any, requests: Sequence[Sequence[Any]]) -> PendingValues:
         by_device: dict[Any, tuple[list[Any], list[tuple[int, int]]]] = {}
         for index, tensors in enumerate(requests):
             for tensor in tensors:
@@ -396,24 +424,12 @@ class DeviceTransfer:
                     entry = by_device[tensor.device] = ([], [])
                 entry[0].append(tensor)
                 entry[1].append((index, 1))
-        if not by_device:
-            return PendingValues(len(requests), [])
-        import torch
-
         copies = []
         for device, (tensors, items) in by_device.items():
-            kind = getattr(device, "type", "")
-            packed, counts = _packed(torch, tensors, kind)
+            packed, counts = _packed(torch, tensors, getattr(device, "type", ""))
             if counts is not None:  # some tensors held more than one value
                 items = [(index, count) for (index, _), count in zip(items, counts, strict=True)]
-            event = None
-            if kind == "cuda":
-                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                host.copy_(packed, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                packed = host
-            copies.append((_merged_runs(items), packed, event))
+            copies.append(self._copied(torch, _merged_runs(items), packed))
         return PendingValues(len(requests), copies)
 
 
