@@ -137,7 +137,7 @@ class CrossRankReducer:
         work = dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True)
         self.reductions += 1
         if device.type == "cuda":
-            from otel_train.staging import DeviceTransfer
+            from otel_train.transfer import DeviceTransfer
 
             work.wait()  # NCCL: the current stream waits for the collective, the host does not
             copy = DeviceTransfer().start([[vector]])

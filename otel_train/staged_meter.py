@@ -45,14 +45,13 @@ from otel_train.series import (
     attribute_key,
 )
 from otel_train.staging import (
-    DeviceTransfer,
     HistogramSlot,
     LastSlot,
     MeanSlot,
-    PendingValues,
     SumSlot,
     stage_value,
 )
+from otel_train.transfer import DeviceTransfer, PendingValues
 
 _logger = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
 from otel_train.series import StreamSet
 from otel_train.staged_meter import RecordSink, StagedMeterProvider, StagingRegistry, TakenValues
-from otel_train.staging import safe_exp, transfer
+from otel_train.staging import safe_exp
 from otel_train.summaries import RunSummaries
+from otel_train.transfer import transfer
 
 _logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from otel_train.staging import DeviceTransfer, PendingValues
+from otel_train.transfer import DeviceTransfer, PendingValues
 
 torch = pytest.importorskip("torch")
 
