@@ -56,6 +56,11 @@ class BoundedCall:
             except Exception as error:
                 _logger.debug("otel-train: cleaning up a late wandb %s: %r", self.name, error)
 
+    @property
+    def done(self) -> bool:
+        """The call has returned or raised (including any `if_late` clean-up after it)."""
+        return not self._thread.is_alive()
+
     def result(self, bound_seconds: float) -> Any:
         """The return value, waiting until `bound_seconds` after the call started at most."""
         self._thread.join(max(0.0, self.started + bound_seconds - time.monotonic()))

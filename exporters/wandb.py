@@ -1,7 +1,8 @@
 """Weights & Biases: one history row per export on the run's global step, `final/*` to summary.
 
 A real OTel `MetricExporter`. `wandb` is imported and `wandb.init` called on a helper thread
-(never the training thread), bounded; a failing W&B is logged once and costs training nothing.
+(never the training thread), bounded; a failing W&B is logged once and costs training nothing,
+and a W&B that cannot finish does not hold the process at exit either.
 """
 
 from __future__ import annotations
@@ -12,30 +13,37 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
 from exporters._bounded_call import BoundedCall
+from exporters._wandb_exit import EXIT_GRACE_SECONDS, bound_process_exit, start_service_first
+from exporters._wandb_run import (
+    LOGIN_HINT,
+    StepAxis,
+    StepAxisLog,
+    WandbRunSpec,
+    as_config,
+    default_name,
+    define_step_metrics,
+    identity_file,
+    identity_from_run,
+    open_run,
+    project_from_env,
+    read_run_id,
+    write_identity,
+    write_text_atomically,
+)
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
-from otel_train.redaction import redact
-from otel_train.rows import GLOBAL_STEP_INSTRUMENT, RowBuilder
+from otel_train.rows import RowBuilder
 from otel_train.run_context import RunContext
 
 _logger = logging.getLogger("otel_train.wandb")
 
-FINAL_PREFIX = "final/"
 RUN_ID_FILE = "wandb_run_id"
-# Summaries W&B keeps per key (define_metric): the best value, and the last one as well.
-MIN_SUMMARY_INSTRUMENTS = (
-    "train.loss", "train.perplexity", "eval.loss", "eval.perplexity", "eval.best_perplexity",
-)  # fmt: skip
-MAX_SUMMARY_INSTRUMENTS = (
-    "perf.mfu", "perf.tokens_per_second", "perf.samples_per_second", "perf.steps_per_second",
-    "perf.flops_per_second",
-)  # fmt: skip
 
 
 class WandbMetricExporter(MetricExporter):
@@ -75,20 +83,20 @@ class WandbMetricExporter(MetricExporter):
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise OtelTrainError(f"{label} must be a positive number of seconds, got {value!r}")
-        self._options: dict[str, Any] = {
-            "project": project,
-            "entity": entity,
-            "name": name,
-            "group": group,
-            "job_type": job_type,
-            "notes": notes,
-            "mode": mode,
-            "id": id,
-            "resume": resume,
-            "dir": os.fspath(dir) if dir is not None else None,
-        }
-        self._tags = list(tags or ())
-        self._config: dict[str, Any] = _as_config(config)
+        self._spec = WandbRunSpec(
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            job_type=job_type,
+            tags=tuple(tags or ()),
+            notes=notes,
+            config=as_config(config),
+            mode=mode,
+            id=id,
+            resume=resume,
+            dir=os.fspath(dir) if dir is not None else None,
+        )
         self.rank_zero_only = rank_zero_only
         self.use_active_run = use_active_run
         self._owns_run = True
@@ -96,6 +104,7 @@ class WandbMetricExporter(MetricExporter):
         self.finish_timeout_seconds = float(finish_timeout_seconds)
         self._rows = RowBuilder(namer)
         self._namer = namer or KeyNamer()
+        self._axis = StepAxisLog(StepAxis.from_namer(self._namer))
         self._context: RunContext | None = None
         self._active = True
         self._lock = threading.Lock()
@@ -103,30 +112,31 @@ class WandbMetricExporter(MetricExporter):
         self._broken: str | None = None
         self._closed = False
         self._starting: BoundedCall | None = None
-        self._last_step: int | None = None
-        self._exports_without_step = 0
+        self._finishing: BoundedCall | None = None
         self._warned_log_failure = False
-        self._warned_backwards = False
-        self.logged_rows = 0
         self.failures = 0
-        self.dropped_backwards = 0
 
     # -- wiring ---------------------------------------------------------------------------
     def bind_run_context(self, context: RunContext) -> None:
-        """Called by setup(): take the run's identity, config (redacted) and key namer, and
-        begin starting W&B in the background, so its start overlaps the first steps."""
+        """Called by setup(): take the run's identity, config (redacted) and key namer, keep
+        that identity next to the JSON lines (for `otel-train sync`), and begin starting W&B in
+        the background, so its start overlaps the first steps."""
         self._adopt_context(context)
         if self._active:
+            spec = self.run_spec()
+            project, entity = project_from_env(spec.project, spec.entity)
+            self._remember_identity(replace(spec, project=project, entity=entity).identity())
             self._begin_start()
 
     def _adopt_context(self, context: RunContext) -> None:
         self._context = context
         self._namer = context.namer
         self._rows = RowBuilder(context.namer)
+        self._axis = StepAxisLog(StepAxis.from_namer(context.namer))
         self._active = context.is_main_rank or not self.rank_zero_only
-        merged = _as_config(context.config)
-        merged.update(self._config)
-        self._config = merged
+        merged = as_config(context.config)
+        merged.update(self._spec.config)
+        self._spec = replace(self._spec, config=merged)
 
     @property
     def run(self) -> Any:
@@ -137,30 +147,39 @@ class WandbMetricExporter(MetricExporter):
     def failure_reason(self) -> str | None:
         return self._broken
 
+    @property
+    def logged_rows(self) -> int:
+        return self._axis.logged_rows
+
+    @property
+    def dropped_backwards(self) -> int:
+        return self._axis.dropped_backwards
+
+    def run_spec(self) -> WandbRunSpec:
+        """The run this exporter opens: its options, then the run's defaults (name, stage)."""
+        spec = self._spec
+        context = self._context
+        if context is None:
+            return spec
+        all_ranks = not self.rank_zero_only and context.world_size > 1
+        changes: dict[str, Any] = {
+            "name": spec.name or default_name(context.run, context.rank, all_ranks=all_ranks),
+            "job_type": spec.job_type or context.stage,
+        }
+        if all_ranks and spec.group is None:
+            changes["group"] = context.run  # W&B's way to show one job's ranks
+        if context.stage not in spec.tags:
+            changes["tags"] = (*spec.tags, context.stage)
+        if context.resume and spec.id is None:
+            previous = read_run_id(context.run_dir / RUN_ID_FILE)
+            if previous:
+                changes["id"] = previous
+                changes["resume"] = spec.resume if spec.resume is not None else "allow"
+        return replace(spec, **changes)
+
     def init_options(self) -> dict[str, Any]:
         """The keyword arguments `wandb.init` gets (None values are left out)."""
-        context = self._context
-        options = {k: v for k, v in self._options.items() if v is not None}
-        tags = list(self._tags)
-        if context is not None:
-            all_ranks = not self.rank_zero_only and context.world_size > 1
-            default_name = f"{context.run}-rank{context.rank}" if all_ranks else context.run
-            options.setdefault("name", default_name)
-            options.setdefault("job_type", context.stage)
-            if all_ranks:
-                options.setdefault("group", context.run)  # W&B's way to show one job's ranks
-            if context.stage not in tags:
-                tags.append(context.stage)
-            if context.resume and "id" not in options:
-                previous = self._read_run_id()
-                if previous:
-                    options["id"] = previous
-                    options.setdefault("resume", "allow")
-        if tags:
-            options["tags"] = tags
-        if self._config:
-            options["config"] = self._config
-        return options
+        return self.run_spec().init_options()
 
     # -- OTel exporter verbs --------------------------------------------------------------
     def export(
@@ -176,7 +195,7 @@ class WandbMetricExporter(MetricExporter):
             if run is None:
                 return MetricExportResult.FAILURE
             try:
-                self._log_row(run, row.step, row.values)
+                self._axis.log(run, row.step, row.values, row.time)
             except Exception as error:  # wandb must never take training down
                 self.failures += 1
                 if not self._warned_log_failure:
@@ -193,7 +212,8 @@ class WandbMetricExporter(MetricExporter):
         return True  # wandb.log hands rows to wandb's own process; finish() makes them durable
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        """`run.finish()`, bounded: a hanging W&B cannot hold the process at exit."""
+        """`run.finish()`, bounded: a hanging W&B cannot hold the process, at shutdown or at
+        exit (see `exporters._wandb_exit`)."""
         budget = min(self.finish_timeout_seconds, max(timeout_millis / 1000, 0.05))
         self._closed = True  # later exports fail fast, even while an init still hangs
         if not self._lock.acquire(timeout=budget):
@@ -214,12 +234,30 @@ class WandbMetricExporter(MetricExporter):
             self._lock.release()
         if run is None or not self._owns_run:
             return
+        self._finishing = BoundedCall(run.finish, "finish")
         try:
-            BoundedCall(run.finish, "finish").result(budget)
+            self._finishing.result(budget)
         except Exception as error:
             _logger.error("otel-train: wandb finish failed or timed out (%r)", error)
 
     # -- internals ------------------------------------------------------------------------
+    def _exit_grace(self) -> float | None:
+        """At interpreter exit: how long wandb's teardown may take for our run (None: no
+        bound needed). Past it, `exporters._wandb_exit` stops wandb's service."""
+        if not self._owns_run:
+            return None  # the user's run: its teardown is theirs
+        starting, finishing = self._starting, self._finishing
+        if any(call is not None and not call.done for call in (starting, finishing)):
+            # An init or finish that shutdown() gave up on, or an init still running at exit:
+            # W&B is unreachable. Rows already logged stay in wandb's local files (`wandb
+            # sync`), and every row is in the JSON lines (`otel-train sync`).
+            return EXIT_GRACE_SECONDS
+        if not self._closed and self._run is not None:
+            # Exit without shutdown(): wandb's teardown (before otel-train's own exit hook)
+            # finishes our run; give it what our own finish would get.
+            return self.finish_timeout_seconds
+        return None
+
     def _begin_start(self) -> None:
         """Start W&B on a helper thread now (setup() calls this), so its ~1 s start-up (import,
         the wandb-core process) overlaps the first steps instead of waiting for the first
@@ -231,18 +269,21 @@ class WandbMetricExporter(MetricExporter):
     def _open_run(self) -> Any:
         import wandb
 
+        start_service_first()
+        bound_process_exit(self._exit_grace)
         if self.use_active_run and wandb.run is not None:
             run = wandb.run
             self._owns_run = False
-            if self._config:
-                run.config.update(self._config, allow_val_change=True)
+            if self._spec.config:
+                run.config.update(dict(self._spec.config), allow_val_change=True)
+            define_step_metrics(run, StepAxis.from_namer(self._namer))
         else:
-            options = self.init_options()
-            options["settings"] = wandb.Settings(
-                init_timeout=self.init_timeout_seconds, reinit="create_new"
+            run = open_run(
+                self.run_spec(),
+                StepAxis.from_namer(self._namer),
+                init_timeout_seconds=self.init_timeout_seconds,
             )
-            run = wandb.init(**options)
-        self._define_metrics(run)
+        self._remember_identity(identity_from_run(run, self.run_spec()))
         return run
 
     def _finish_late(self, run: Any) -> None:
@@ -262,7 +303,7 @@ class WandbMetricExporter(MetricExporter):
             hint = (
                 'install it with pip install "otel-train[wandb]"'
                 if isinstance(error, ImportError)
-                else "check `wandb login` / WANDB_API_KEY, the network, or set WANDB_MODE=offline"
+                else f"{LOGIN_HINT}; check the network"
             )
             _logger.error(
                 "otel-train: W&B could not start (%s); W&B logging is off for this run (%s). "
@@ -272,81 +313,18 @@ class WandbMetricExporter(MetricExporter):
             )
             return None
         self._run = run
-        self._write_run_id(run)
+        run_id = getattr(run, "id", None)
+        if self._context is not None and isinstance(run_id, str):
+            # Remembered so that a resumed run (`resume=True`) continues the same W&B run.
+            write_text_atomically(self._context.run_dir / RUN_ID_FILE, run_id + "\n")
         return run
 
-    def _define_metrics(self, run: Any) -> None:
-        step_key = self._namer.key(GLOBAL_STEP_INSTRUMENT)
-        run.define_metric(step_key)
-        run.define_metric("*", step_metric=step_key)  # one x-axis for every group
-        for names, summary in (
-            (MIN_SUMMARY_INSTRUMENTS, "min,last"),
-            (MAX_SUMMARY_INSTRUMENTS, "max,last"),
-        ):
-            for instrument in names:
-                for spec in self._namer.keys_for(instrument):
-                    run.define_metric(spec.key, step_metric=step_key, summary=summary)
-
-    def _log_row(self, run: Any, step: int | None, values: Mapping[str, float]) -> None:
-        summary = {k: v for k, v in values.items() if k.startswith(FINAL_PREFIX)}
-        history = {k: v for k, v in values.items() if not k.startswith(FINAL_PREFIX)}
-        if summary:
-            run.summary.update(summary)
-        if step is None:
-            # Behind a plain OTel reader there is no global step: number the exports instead.
-            self._exports_without_step += 1
-            step = max(self._last_step or 0, self._exports_without_step)
-            history[self._namer.key(GLOBAL_STEP_INSTRUMENT)] = float(step)
-        if self._last_step is not None and step < self._last_step:
-            # W&B would drop it with a warning per row; count it and say so once.
-            self.dropped_backwards += 1
-            if not self._warned_backwards:
-                self._warned_backwards = True
-                _logger.warning(
-                    "otel-train: W&B row at step %d is behind step %d already logged; W&B keeps "
-                    "one monotonic axis, so rows behind it are dropped (counted)",
-                    step,
-                    self._last_step,
-                )
-            return
-        step_key = self._namer.key(GLOBAL_STEP_INSTRUMENT)
-        if summary and set(history) <= {step_key}:
-            return  # a summary-only export (final/*) adds no history row
-        run.log(history, step=step)
-        self._last_step = step
-        self.logged_rows += 1
-
-    def _run_id_path(self) -> Path | None:
-        return self._context.run_dir / RUN_ID_FILE if self._context is not None else None
-
-    def _read_run_id(self) -> str | None:
-        path = self._run_id_path()
-        if path is None:
-            return None
-        try:
-            return path.read_text().strip() or None
-        except OSError:
-            return None
-
-    def _write_run_id(self, run: Any) -> None:
-        """Remember the W&B run id, so a resumed run (`resume=True`) continues the same run."""
-        path = self._run_id_path()
-        run_id = getattr(run, "id", None)
-        if path is None or not isinstance(run_id, str):
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(run_id + "\n")
-        except OSError as error:
-            _logger.warning("otel-train: cannot remember the W&B run id in %s (%s)", path, error)
-
-
-def _as_config(config: Any) -> dict[str, Any]:
-    """wandb.config takes a mapping; anything else (a list, a string) is kept under "config"."""
-    if not config:
-        return {}
-    redacted = redact(config)
-    return dict(redacted) if isinstance(redacted, Mapping) else {"config": redacted}
+    def _remember_identity(self, identity: Mapping[str, Any]) -> None:
+        """Kept next to the JSON lines: what `otel-train sync` needs to replay this very run."""
+        if self._context is not None:
+            axis = StepAxis.from_namer(self._namer).to_json()
+            path = identity_file(self._context.run_dir, self._context.rank)
+            write_identity(path, {**identity, "axis": axis})
 
 
 def _all_ranks_from_env() -> bool:
