@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -103,10 +104,9 @@ def service_process() -> subprocess.Popen[bytes] | None:
     `wandb_setup._singleton._connection._proc._process`) and gives None where they differ.
     A service shared from a parent process (WANDB_SERVICE) is not ours and is not found.
     """
-    try:
-        from wandb.sdk import wandb_setup
-    except ImportError:
-        return None
+    # Never import wandb here: not imported means no service, and an import racing the one
+    # on our init thread could fail half-way.
+    wandb_setup = sys.modules.get("wandb.sdk.wandb_setup")
     connection = getattr(getattr(wandb_setup, "_singleton", None), "_connection", None)
     process = getattr(getattr(connection, "_proc", None), "_process", None)
     return process if isinstance(process, subprocess.Popen) else None

@@ -83,7 +83,9 @@ def replay_to_wandb(record: RunRecord, **overrides: Any) -> Any:
     except (wandb.Error, TimeoutError, OSError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise SyncError(
-            f"W&B could not start ({reason}): {shared.LOGIN_HINT}; or pass --mode offline"
+            f"W&B could not start ({reason}). Log in with `wandb login` (or set WANDB_API_KEY), "
+            "or replay into local files with --mode offline (or WANDB_MODE=offline) and upload "
+            "them later with `wandb sync`"
         ) from None
     log = shared.StepAxisLog(axis)
     try:
