@@ -5,8 +5,9 @@ timeout (`ServiceConnection.teardown` -> `ServiceProcess.join` -> `Popen.wait()`
 first ends every stream, and with an unreachable server that means retrying until wandb's own
 timeouts (measured ~50 s after `shutdown()` returned). `bound_process_exit` registers a hook
 that runs before wandb's (atexit is last-in, first-out: it is registered once wandb's service,
-and with it wandb's hook, exists) and asks each exporter how long W&B may still take; past
-that, it stops the service: SIGTERM, then SIGKILL. What wandb already wrote stays in its local
+and with it wandb's hook, exists): it first lets otel-train shut down (tail and `final/*` reach
+W&B before wandb tears down), then asks each exporter how long W&B may still take; past that,
+it stops the service: SIGTERM, then SIGKILL. What wandb already wrote stays in its local
 run files (`wandb sync` uploads them), and the JSON lines hold every row (`otel-train sync`).
 """
 
@@ -49,6 +50,7 @@ def bound_process_exit(exit_grace: Callable[[], float | None]) -> None:
 
 
 def _at_exit() -> None:
+    _shut_otel_train_down_first()
     with _lock:
         graces = [grace for grace in map(_safe_grace, _exit_graces) if grace is not None]
         _exit_graces.clear()
@@ -66,6 +68,17 @@ def _at_exit() -> None:
     threading.Thread(
         target=_stop_after_grace, args=(process, grace), name="otel-train-wandb-exit", daemon=True
     ).start()
+
+
+def _shut_otel_train_down_first() -> None:
+    """otel-train's own exit hook (`otel_train.configure`, registered when otel_train was
+    imported, so after wandb's in exit order) exports the tail and `final/*`; by then wandb's
+    teardown has closed its service and those rows would be lost. Run it now, while W&B can
+    still take them; it is idempotent, the later call finds every Telemetry shut down."""
+    configure = sys.modules.get("otel_train.configure")
+    shutdown_live = getattr(configure, "_shutdown_live_telemetry", None)
+    if callable(shutdown_live):
+        shutdown_live()
 
 
 def _safe_grace(exit_grace: Callable[[], float | None]) -> float | None:

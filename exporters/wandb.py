@@ -253,7 +253,7 @@ class WandbMetricExporter(MetricExporter):
             # sync`), and every row is in the JSON lines (`otel-train sync`).
             return EXIT_GRACE_SECONDS
         if not self._closed and self._run is not None:
-            # Exit without shutdown(): wandb's teardown (before otel-train's own exit hook)
+            # Still open at exit (otel-train's exit flush did not reach us): wandb's teardown
             # finishes our run; give it what our own finish would get.
             return self.finish_timeout_seconds
         return None

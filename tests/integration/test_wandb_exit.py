@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("wandb")
 
 from exporters._wandb_exit import EXIT_GRACE_SECONDS, KILL_GRACE_SECONDS
+from tests.wandb_records import find_run_file, read_finished_run
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +89,26 @@ def test_process_exits_within_the_budget_when_wandb_is_unreachable(
         60,
     ]
     assert rows[-1]["metrics"]["final/total_tokens"] == 60 * 64
+
+
+def test_a_healthy_offline_run_exiting_without_shutdown_is_finished_not_stopped(
+    tmp_path: Path,
+) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.integration.wandb_exit_worker", str(tmp_path / "runs"),
+         "atexit", str(BUDGET_MS)],
+        env=env, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "stopping wandb's service" not in result.stderr
+    run = read_finished_run(find_run_file(tmp_path / "wandb"))
+    assert run.history_steps == [10, 20, 30, 40, 50, 60]
+    assert run.summary["final/total_tokens"] == 60 * 64

@@ -1,4 +1,4 @@
-"""A training process whose W&B server cannot be reached, ending by `with` or by atexit alone.
+"""A training process exporting to W&B (typically unreachable), ending by `with` or atexit alone.
 
 Usage: python -m tests.integration.wandb_exit_worker OUTPUT_DIR {with-block|atexit} BUDGET_MS
 Prints `shutdown-returned <unix time>` once the `with` block is left (with-block), or
@@ -15,13 +15,13 @@ from pathlib import Path
 import otel_train
 
 
-def wandb_is_retrying(deadline_seconds: float = 60) -> bool:
-    """Wait until wandb's service has this run's stream and retries the unreachable server."""
+def wandb_reached(pattern: str, text: str, deadline_seconds: float = 60) -> bool:
+    """Wait until a file of this run under WANDB_DIR/wandb matching `pattern` holds `text`."""
     deadline = time.monotonic() + deadline_seconds
     wandb_dir = Path(os.environ["WANDB_DIR"]) / "wandb"
     while time.monotonic() < deadline:
-        for log in wandb_dir.glob("run-*/logs/debug-internal.log"):
-            if "retrying error" in log.read_text(errors="replace"):
+        for log in wandb_dir.glob(pattern):
+            if text in log.read_text(errors="replace"):
                 return True
         time.sleep(0.05)
     return False
@@ -38,8 +38,13 @@ def main() -> None:
     for step in range(1, 61):
         tel.training.record(loss=1.0 / step, tokens=64)
         tel.step(step)
-    if not wandb_is_retrying():
-        sys.exit("wandb never reached the server-retry phase")
+    if os.environ["WANDB_MODE"] == "online":
+        # The service has this run's stream and retries the unreachable server.
+        reached = wandb_reached("run-*/logs/debug-internal.log", "retrying error")
+    else:  # the offline run is up: wandb's exit hook now exists and would run first
+        reached = wandb_reached("offline-run-*/logs/debug.log", "run started")
+    if not reached:
+        sys.exit("wandb never got there")
     if how == "with-block":
         with tel:
             pass
