@@ -6,33 +6,29 @@ identity (kept next to the JSON lines in `rank<N>.wandb.json`), metrics, summari
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from otel_train.catalog import STANDARD_INSTRUMENTS
 from otel_train.naming import KeyNamer
 from otel_train.redaction import redact, redact_argv
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT
+from otel_train.safe_files import replace_file
 
 _logger = logging.getLogger("otel_train.wandb")
 
 FINAL_PREFIX = "final/"
-# Summaries W&B keeps per key (define_metric): the best value, and the last one as well.
-MIN_SUMMARY_INSTRUMENTS = (
-    "train.loss", "train.perplexity", "eval.loss", "eval.perplexity", "eval.best_perplexity",
-)  # fmt: skip
-MAX_SUMMARY_INSTRUMENTS = (
-    "perf.mfu", "perf.tokens_per_second", "perf.samples_per_second", "perf.steps_per_second",
-    "perf.flops_per_second",
-)  # fmt: skip
+# Summaries W&B keeps per key (define_metric), from the one instrument catalog: the best value
+# (min for losses, max for throughput), and the last one as well.
+MIN_SUMMARY_INSTRUMENTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.summary == "min")
+MAX_SUMMARY_INSTRUMENTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.summary == "max")
 LOGIN_HINT = (
     "log in with `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to write "
     "local files and upload them later with `wandb sync`"
@@ -126,20 +122,11 @@ def write_identity(path: Path, identity: Mapping[str, Any]) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace `path` whole (a planted symlink is replaced, never followed); log a failure."""
-    temporary: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".wandb-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-        temporary = None
+        replace_file(path, text.encode("utf-8"))
     except OSError as error:
         _logger.warning("otel-train: cannot write %s (%s)", path, error)
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
 
 
 def read_run_id(path: Path) -> str | None:

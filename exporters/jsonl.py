@@ -3,7 +3,10 @@
 `{"step": 120, "time": ..., "run": ..., "stage": ..., "rank": 0, "metrics": {"train/loss": ...}}`
 Non-finite values are written as null and listed under "nonfinite" (bare NaN is not JSON).
 One `write()` per line and a flush per export, so a killed process leaves at most one partial
-last line; fsync at shutdown. An existing file is appended to (resumed runs), never clobbered.
+last line; fsync at shutdown. A file that already holds rows is appended to only by a resumed
+run (`resume=True`); a new run under a used name is refused, never merged into the old one.
+A row without a training step (a plain OTel pipeline) has `"step": null`; its `time` (the
+collection time, Unix seconds) is then its x-axis. Files are opened with `O_NOFOLLOW`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,8 +28,15 @@ from otel_train.naming import KeyNamer
 from otel_train.ranks import detect_ranks
 from otel_train.rows import MetricRow, RowBuilder
 from otel_train.run_context import RunContext, output_dir_from, run_dir_for
+from otel_train.safe_files import LinkRefusedError, open_for_append
 
 _logger = logging.getLogger("otel_train.jsonl")
+
+RESUME_ENV = "OTEL_TRAIN_RESUME"  # the env-configured exporter's `resume=True`
+
+
+class RunExistsError(OtelTrainError):
+    """The run's JSON-lines file already holds rows and this run is not a resumed one."""
 
 
 def rank_file_name(rank: int) -> str:
@@ -37,7 +48,8 @@ def row_to_json(row: MetricRow, *, run: str, stage: str, rank: int) -> str:
     metrics = {key: (value if math.isfinite(value) else None) for key, value in row.values.items()}
     record: dict[str, Any] = {
         "step": row.step,
-        "time": round(row.time, 6),
+        # The collection time; a batch with no data point carries none, so the export's own.
+        "time": round(row.time if row.time > 0 else time.time(), 6),
         "run": run,
         "stage": stage,
         "rank": rank,
@@ -55,7 +67,9 @@ def _spell(value: float) -> str:
 class JsonLinesMetricExporter(MetricExporter):
     """A real OTel MetricExporter. Usable behind any reader; `setup()` gives it the run's path.
 
-    With no `path`, it writes `<output_dir>/<run>/rank<N>.jsonl` once bound to a run.
+    With no `path`, it writes `<output_dir>/<run>/rank<N>.jsonl` once bound to a run. A file
+    that already holds rows is refused (`RunExistsError`) unless `resume=True` (or, bound by
+    `setup()`, the run is resumed: `resume=True` / `resume_step=N`).
     """
 
     def __init__(
@@ -66,9 +80,11 @@ class JsonLinesMetricExporter(MetricExporter):
         stage: str = "train",
         rank: int = 0,
         namer: KeyNamer | None = None,
+        resume: bool = False,
     ) -> None:
         super().__init__()
         self._run, self._stage, self._rank = run, stage, rank
+        self._resume = resume
         self._rows = RowBuilder(namer)
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
@@ -76,7 +92,7 @@ class JsonLinesMetricExporter(MetricExporter):
         self._broken = False
         self.failures = 0
         if path is not None:
-            self._open(Path(path))
+            self._open(Path(path), resume_hint="JsonLinesMetricExporter(path, resume=True)")
 
     @property
     def path(self) -> Path | None:
@@ -87,18 +103,35 @@ class JsonLinesMetricExporter(MetricExporter):
         self._run, self._stage, self._rank = context.run, context.stage, context.rank
         self._rows = RowBuilder(context.namer)
         if self._path is None:
+            self._resume = self._resume or context.resume
             self._open(context.run_dir / rank_file_name(context.rank))
 
-    def _open(self, path: Path) -> None:
+    def _open(
+        self, path: Path, *, resume_hint: str = "setup(resume=True) or resume_step=N"
+    ) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Unbuffered append: each line is one write(2), resumed runs add to the same file.
-            self._file = open(path, "ab", buffering=0)
+            file = open_for_append(path)
+        except LinkRefusedError as error:
+            raise OtelTrainError(
+                f"cannot write JSON lines to {path}: it {error.strerror}; otel-train never "
+                "writes through a link or into a special file. Remove it, or pass another "
+                "run= / output_dir=."
+            ) from error
         except OSError as error:
             raise OtelTrainError(
                 f"cannot write JSON lines to {path}: {error.strerror or error}. Pass a writable "
                 "output_dir= (or set OTEL_TRAIN_OUTPUT_DIR)."
             ) from error
+        if not self._resume and os.fstat(file.fileno()).st_size > 0:
+            file.close()
+            raise RunExistsError(
+                f"{path} already holds the rows of an earlier run; a new run is never merged "
+                f"into it. To continue that run, pass {resume_hint}; otherwise pick another "
+                "run name or output_dir."
+            )
+        self._file = file
         self._path = path
 
     def _open_from_env(self) -> bool:
@@ -108,9 +141,12 @@ class JsonLinesMetricExporter(MetricExporter):
         run = env.get("OTEL_TRAIN_RUN") or env.get("OTEL_SERVICE_NAME") or "otel"
         rank = detect_ranks().rank
         self._run, self._rank = run, rank
-        directory = run_dir_for(output_dir_from(None, env), run)
+        resume = env.get(RESUME_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self._resume = self._resume or resume
+        directory = output_dir_from(None, env)
         try:
-            self._open(directory / rank_file_name(rank))
+            directory = run_dir_for(directory, run)
+            self._open(directory / rank_file_name(rank), resume_hint=f"{RESUME_ENV}=1")
         except OtelTrainError as error:
             self._path = directory  # do not retry on every export
             _logger.error("otel-train: %s", error)

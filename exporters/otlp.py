@@ -3,6 +3,7 @@
 Step-sampled by default (a push exporter behind our reader and its background queue); time-
 based on request (`OTEL_TRAIN_OTLP_INTERVAL_MILLIS`, or `periodic_otlp_reader()`). Endpoint,
 headers, timeout, compression come from the standard `OTEL_EXPORTER_OTLP_*` variables.
+A failing collector is logged once (the SDK would log every batch), then counted.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ import os
 import threading
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 
 from otel_train.errors import OtelTrainError
+from otel_train.reduction import with_scope
 from otel_train.run_context import RunContext
 
 try:
@@ -29,9 +36,81 @@ _logger = logging.getLogger("otel_train.otlp")
 INTERVAL_ENV = "OTEL_TRAIN_OTLP_INTERVAL_MILLIS"
 
 
+# The SDK exporter (and its HTTP client) log on this logger: one ERROR per failed batch and
+# one WARNING per retry.
+SDK_LOGGER = "opentelemetry.exporter.otlp.proto.http.metric_exporter"
+
+
+class _ExportCapture(threading.local):
+    records: list[logging.LogRecord] | None = None
+
+
+_capture = _ExportCapture()
+
+
+class _HoldSdkRecordsDuringOurExports(logging.Filter):
+    """On the SDK exporter's logger: records emitted on a thread inside `OtlpExporter.export`
+    are held for it instead of printed; every other use of the SDK exporter is untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = _capture.records
+        if held is None:
+            return True
+        held.append(record)
+        return False
+
+
+_filter = _HoldSdkRecordsDuringOurExports()
+
+
+logging.getLogger(SDK_LOGGER).addFilter(_filter)
+
+
 class OtlpExporter(OTLPMetricExporter):
-    """The SDK's OTLP/HTTP metric exporter, unchanged on the wire. Every argument is optional
-    and falls back to `OTEL_EXPORTER_OTLP_METRICS_*` / `OTEL_EXPORTER_OTLP_*` (SDK rules)."""
+    """The SDK's OTLP/HTTP metric exporter. Every argument is optional and falls back to
+    `OTEL_EXPORTER_OTLP_METRICS_*` / `OTEL_EXPORTER_OTLP_*` (SDK rules).
+
+    Two differences on top: the first failure is logged once, with the SDK's reason, and later
+    ones are only counted (`failures`, and `otel_train.export.failed` under `setup()`); the
+    reduced instruments carry a `scope` attribute ("global" on the rank that exports all-rank
+    values, else "rank") so a collector's Prometheus never sums a global value with per-rank
+    ones.
+    """
+
+    # The background queue reads this: the exporter logs its own failure once (with detail).
+    logs_own_failures = True
+    # Class-level defaults: the constructor stays the SDK's own.
+    _global_values = False
+    _failure_logged = False
+    failures = 0
+
+    def bind_run_context(self, context: RunContext) -> None:
+        self._global_values = context.exports_global_values
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float | None = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        metrics_data = with_scope(metrics_data, global_values=self._global_values)
+        held: list[logging.LogRecord] = []
+        _capture.records = held
+        try:
+            result = super().export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        finally:
+            _capture.records = None
+        if result != MetricExportResult.SUCCESS:
+            self.failures += 1
+            if not self._failure_logged:
+                self._failure_logged = True
+                reason = held[-1].getMessage() if held else f"result {result}"
+                _logger.error(
+                    "otel-train: OTLP export to %s failed (%s); training continues, further "
+                    "failures are counted, not logged (otel_train.export.failed).",
+                    self._endpoint,
+                    reason,
+                )
+        for record in held:
+            _logger.debug("otel-train: OTLP SDK: %s", record.getMessage())
+        return result
 
 
 class ForkSafePeriodicReader(PeriodicExportingMetricReader):
@@ -60,6 +139,11 @@ class ForkSafePeriodicReader(PeriodicExportingMetricReader):
             export_interval_millis=export_interval_millis,
             export_timeout_millis=export_timeout_millis,
         )
+
+    def bind_run_context(self, context: RunContext) -> None:
+        bind = getattr(self._exporter, "bind_run_context", None)
+        if callable(bind):
+            bind(context)
 
     def _at_fork_reinit(self) -> None:
         # The SDK registers this with os.register_at_fork: in a forked child, start no thread.
@@ -108,7 +192,9 @@ def create_for_run(context: RunContext) -> MetricExporter | ForkSafePeriodicRead
     """`exporters=("otlp",)`: every rank pushes its own series (the resource names the rank)."""
     raw = os.environ.get(INTERVAL_ENV, "").strip()
     if not raw:
-        return OtlpExporter()
+        exporter = OtlpExporter()
+        exporter.bind_run_context(context)
+        return exporter
     try:
         interval = float(raw)
     except ValueError:
@@ -116,4 +202,6 @@ def create_for_run(context: RunContext) -> MetricExporter | ForkSafePeriodicRead
             f"{INTERVAL_ENV}={raw!r} is not a number of milliseconds; e.g. 10000, or unset it "
             "for step-sampled export"
         ) from None
-    return periodic_otlp_reader(export_interval_millis=interval)
+    reader = periodic_otlp_reader(export_interval_millis=interval)
+    reader.bind_run_context(context)
+    return reader

@@ -1,8 +1,9 @@
-"""Prometheus pull endpoint: the SDK's `PrometheusMetricReader` behind its own HTTP server.
+"""Prometheus pull endpoint for one rank, fed by the step-sampled export (a push exporter).
 
-Port = base (default 9464) + local rank, so ranks on one node never collide; 127.0.0.1 unless
-told otherwise. A scrape only reads the SDK's aggregated values (set on sampled steps): it
-never resolves staged tensors, so it never forces a device sync.
+Each export (a sampled step, an event, the tail at shutdown) updates the latest values; the
+exposition is rendered at most once per export, on the first scrape after it, and every
+scrape is served those bytes. A scrape never collects, never resolves staged tensors, never
+forces a device sync. Port = base (default 9464) + local rank; 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -10,19 +11,41 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import MetricsData
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from exporters._scrape_server import ScrapeServer
 from otel_train.errors import OtelTrainError
-from otel_train.nonfinite import NonFiniteBoard, with_nonfinite
+from otel_train.reduction import with_scope
 from otel_train.run_context import RunContext
 
 try:
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import CollectorRegistry, start_http_server
+    # The OTel Prometheus exporter's translation (names, units, labels, target_info), used
+    # as a pure function: MetricsData in, prometheus_client families out. Its reader is not
+    # used: it collects on every scrape.
+    from opentelemetry.exporter.prometheus import _CustomCollector
+    from prometheus_client.exposition import generate_latest
 except ImportError as error:  # pragma: no cover - exercised by the loader's warning path
     raise ImportError(
         f'{error}; the Prometheus exporter needs: pip install "otel-train[prometheus]"'
@@ -32,19 +55,34 @@ _logger = logging.getLogger("otel_train.prometheus")
 
 DEFAULT_PORT = 9464
 DEFAULT_ADDRESS = "127.0.0.1"
+DEFAULT_FINAL_SCRAPE_GRACE_MILLIS = 5_000
 PORT_ENV = "OTEL_TRAIN_PROMETHEUS_PORT"
 ADDRESS_ENV = "OTEL_TRAIN_PROMETHEUS_ADDRESS"
+GRACE_ENV = "OTEL_TRAIN_PROMETHEUS_GRACE_MILLIS"
 # Resource attributes copied onto every series (the SDK otherwise puts them on target_info
 # only, which PromQL can reach only through a join).
 RESOURCE_LABELS: tuple[str, ...] = ("run", "stage", "rank")
+_CUMULATIVE = {
+    kind: AggregationTemporality.CUMULATIVE
+    for kind in (
+        Counter,
+        UpDownCounter,
+        Histogram,
+        ObservableCounter,
+        ObservableUpDownCounter,
+        ObservableGauge,
+    )
+}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PrometheusSettings:
-    """Where the endpoint listens: `port` is the base, the rank's port adds its local rank."""
+    """Where the endpoint listens (`port` is the base, the rank's port adds its local rank),
+    and how long shutdown keeps serving so a scraper can read the final values."""
 
     port: int = DEFAULT_PORT
     address: str = DEFAULT_ADDRESS
+    final_scrape_grace_millis: float = DEFAULT_FINAL_SCRAPE_GRACE_MILLIS
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int):
@@ -53,32 +91,56 @@ class PrometheusSettings:
             raise OtelTrainError(f"Prometheus port must be in 0..65535, got {self.port}")
         if not isinstance(self.address, str) or not self.address:
             raise OtelTrainError("Prometheus address must be a host, e.g. '127.0.0.1' or '0.0.0.0'")
+        grace = self.final_scrape_grace_millis
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+            raise OtelTrainError(
+                f"final_scrape_grace_millis must be a number of milliseconds >= 0, got {grace!r}"
+            )
 
     @classmethod
     def resolve(
-        cls, *, port: int | None = None, address: str | None = None, env: Mapping[str, str]
+        cls,
+        *,
+        port: int | None = None,
+        address: str | None = None,
+        final_scrape_grace_millis: float | None = None,
+        env: Mapping[str, str],
     ) -> PrometheusSettings:
-        """Arguments > OTEL_TRAIN_PROMETHEUS_PORT / _ADDRESS > defaults."""
+        """Arguments > OTEL_TRAIN_PROMETHEUS_PORT / _ADDRESS / _GRACE_MILLIS > defaults."""
         if port is None:
             raw = env.get(PORT_ENV)
             try:
                 port = int(raw) if raw else DEFAULT_PORT
             except ValueError:
                 raise OtelTrainError(f"{PORT_ENV}={raw!r} is not a port number") from None
-        return cls(port=port, address=address or env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
+        if final_scrape_grace_millis is None:
+            raw = env.get(GRACE_ENV)
+            try:
+                final_scrape_grace_millis = float(raw) if raw else DEFAULT_FINAL_SCRAPE_GRACE_MILLIS
+            except ValueError:
+                raise OtelTrainError(
+                    f"{GRACE_ENV}={raw!r} is not a number of milliseconds; e.g. 5000, or 0 to "
+                    "stop serving at once at shutdown"
+                ) from None
+        return cls(
+            port=port,
+            address=address or env.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
+            final_scrape_grace_millis=final_scrape_grace_millis,
+        )
 
     def port_for(self, local_rank: int) -> int:
         """Port 0 asks the OS for a free port (tests); otherwise base + local rank."""
         return 0 if self.port == 0 else self.port + local_rank
 
 
-class PrometheusExporter(PrometheusMetricReader):
-    """A pull `MetricReader` serving `/metrics` for one rank.
+class PrometheusExporter(MetricExporter):
+    """Serves `/metrics` for one rank with the values of its last export.
 
-    `setup(exporters=("prometheus",))` builds one; pass `PrometheusExporter(port=..., address=...)`
-    to choose the base port or address. Series carry `run`, `stage` and `rank` labels.
-    Each instance has its own prometheus_client registry, so several `setup()` calls in one
-    process never clash on the global one.
+    `setup(exporters=("prometheus",))` builds one; pass `PrometheusExporter(port=..., address=...,
+    final_scrape_grace_millis=...)` to choose. Series carry `run`, `stage` and `rank` labels;
+    reduced instruments also `scope` ("global" on the rank exporting all-rank values, else
+    "rank"). A push `MetricExporter`: in a plain OTel pipeline put it behind any reader
+    (e.g. `PeriodicExportingMetricReader`) and call `start()`.
     """
 
     def __init__(
@@ -86,49 +148,58 @@ class PrometheusExporter(PrometheusMetricReader):
         *,
         port: int | None = None,
         address: str | None = None,
+        final_scrape_grace_millis: float | None = None,
         resource_labels: Sequence[str] = RESOURCE_LABELS,
     ) -> None:
-        self.settings = PrometheusSettings.resolve(port=port, address=address, env=os.environ)
-        self.registry = CollectorRegistry(auto_describe=False)
-        labels = frozenset(resource_labels)
-        # Scope labels (otel_scope_*) are off: all our instruments share one scope, and empty
-        # labels only clutter legends; target_info still carries the full resource.
-        super().__init__(
-            scope_info_enabled=False,
-            resource_attribute_filter=labels.__contains__,
-            registry=self.registry,
+        self.settings = PrometheusSettings.resolve(
+            port=port,
+            address=address,
+            final_scrape_grace_millis=final_scrape_grace_millis,
+            env=os.environ,
         )
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._bound_port: int | None = None
-        self._nonfinite: NonFiniteBoard | None = None
+        super().__init__(preferred_temporality=_CUMULATIVE)  # type: ignore[arg-type]
+        self._resource_labels = frozenset(resource_labels)
+        self._global_values = False
+        self._lock = threading.Lock()  # latest values: export thread vs. scrape thread
+        self._latest: dict[tuple[str, str], tuple[InstrumentationScope, Metric]] = {}
+        self._resource: Resource | None = None
+        self._version = 0
+        self._render_lock = threading.Lock()
+        self._rendered: tuple[int, bytes] = (0, b"")
+        self.renders = 0  # how often the exposition was rendered (at most once per export)
+        self._server_lock = threading.Lock()
+        self._server: ScrapeServer | None = None
 
     @property
     def port(self) -> int | None:
         """The port actually serving, or None when the server is not running."""
-        return self._bound_port
+        server = self._server
+        return None if server is None else server.port
 
     @property
     def url(self) -> str | None:
-        if self._bound_port is None:
-            return None
-        return f"http://{self.settings.address}:{self._bound_port}/metrics"
+        port = self.port
+        return None if port is None else f"http://{self.settings.address}:{port}/metrics"
+
+    @property
+    def scrapes(self) -> int:
+        """Scrapes served since start."""
+        server = self._server
+        return 0 if server is None else server.scrapes
 
     def bind_run_context(self, context: RunContext) -> None:
-        """Called by `setup()`: start serving on base port + this rank's local rank."""
+        """Called by `setup()`: label reduced values, serve on base port + local rank."""
+        self._global_values = context.exports_global_values
         self.start(local_rank=context.local_rank)
 
     def start(self, *, local_rank: int = 0) -> bool:
         """Start the HTTP server. A taken port logs one error line and returns False."""
-        with self._lock:
+        with self._server_lock:
             if self._server is not None:
                 return True
             port = self.settings.port_for(local_rank)
             try:
-                server, thread = start_http_server(
-                    port, addr=self.settings.address, registry=self.registry
-                )
+                self._server = ScrapeServer(self.settings.address, port, self._body)
             except OSError as error:
                 _logger.error(
                     "otel-train: Prometheus cannot listen on %s:%d (%s); set %s (base port, "
@@ -141,47 +212,94 @@ class PrometheusExporter(PrometheusMetricReader):
                     local_rank,
                 )
                 return False
-            self._server, self._thread = server, thread
-            self._bound_port = int(server.server_address[1])
             _logger.info("otel-train: Prometheus metrics at %s", self.url)
             return True
 
-    def _receive_metrics(
+    # -- the export thread: keep the latest values --------------------------------------
+    def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        # The SDK's collector queues every collect and only drains on a scrape; a collect
-        # without a scrape (force_flush) would then be exposed twice, duplicating families.
-        if metrics_data is None:
-            return
-        if self._nonfinite is not None:
-            metrics_data = with_nonfinite(metrics_data, self._nonfinite.snapshot())
-        self._collector._metrics_datas.clear()
-        self._collector.add_metrics_data(metrics_data)
+    ) -> MetricExportResult:
+        """Remember each metric's newest (cumulative) state; a batch holds only the groups
+        due at its step, the others keep their values from earlier exports."""
+        metrics_data = with_scope(metrics_data, global_values=self._global_values)
+        with self._lock:
+            for resource_metrics in metrics_data.resource_metrics:
+                self._resource = resource_metrics.resource
+                for scope_metrics in resource_metrics.scope_metrics:
+                    scope = scope_metrics.scope
+                    for metric in scope_metrics.metrics:
+                        self._latest[(scope.name, metric.name)] = (scope, metric)
+            self._version += 1
+        return MetricExportResult.SUCCESS
 
-    def attach_nonfinite_board(self, board: NonFiniteBoard) -> None:
-        """setup() hands over the non-finite values the SDK dropped: a NaN loss scrapes as NaN."""
-        self._nonfinite = board
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    # -- the scrape thread: bytes rendered at most once per export -----------------------
+    def _body(self) -> tuple[int, bytes]:
+        with self._render_lock:
+            with self._lock:
+                version = self._version
+                if self._rendered[0] == version:
+                    return self._rendered
+                resource = self._resource
+                latest = list(self._latest.values())
+            body = _render(resource, latest, self._resource_labels)
+            self._rendered = (version, body)
+            self.renders += 1
+            return self._rendered
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Keep serving until a scrape has read the final export (at most the grace, within
+        `timeout_millis`; at once if nobody ever scraped), then stop the server."""
+        with self._server_lock:
+            server = self._server
+        if server is None:
+            return
+        budget = max(timeout_millis, 0.0)
+        grace = min(self.settings.final_scrape_grace_millis, budget)
         with self._lock:
-            server, self._server = self._server, None
-            thread, self._thread = self._thread, None
-            self._bound_port = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=max(timeout_millis, 0) / 1000)
-        try:
-            super().shutdown(timeout_millis=timeout_millis)
-        except KeyError:
-            pass  # already unregistered
+            final = self._version
+        if final and grace > 0:
+            server.wait_until_served(final, grace / 1000)
+        with self._server_lock:
+            self._server = None
+        server.close(timeout_seconds=max(budget - grace, 100.0) / 1000)
+
+
+class _Families:
+    """What `generate_latest` needs: something with `collect()`."""
+
+    def __init__(self, families: Iterable[Any]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> list[Any]:
+        return self._families
+
+
+def _render(
+    resource: Resource | None,
+    latest: Sequence[tuple[InstrumentationScope, Metric]],
+    resource_labels: frozenset[str],
+) -> bytes:
+    if resource is None:
+        return b""
+    by_scope: dict[str, tuple[InstrumentationScope, list[Metric]]] = {}
+    for scope, metric in latest:
+        by_scope.setdefault(scope.name, (scope, []))[1].append(metric)
+    scopes = [ScopeMetrics(scope, metrics, "") for scope, metrics in by_scope.values()]
+    data = MetricsData([ResourceMetrics(resource, scopes, "")])
+    # Scope labels (otel_scope_*) are off: our instruments share one scope, and empty labels
+    # only clutter legends; target_info still carries the full resource.
+    collector = _CustomCollector(
+        scope_info_enabled=False, resource_attribute_filter=resource_labels.__contains__
+    )
+    collector.add_metrics_data(data)
+    return generate_latest(_Families(collector.collect()))  # type: ignore[arg-type]
 
 
 def create_for_run(context: RunContext) -> PrometheusExporter | None:
     """`exporters=("prometheus",)`: every rank serves its own port; None if it is taken."""
     exporter = PrometheusExporter()
-    if not exporter.start(local_rank=context.local_rank):
-        exporter.shutdown()
-        return None
-    return exporter
+    exporter.bind_run_context(context)
+    return exporter if exporter.port is not None else None

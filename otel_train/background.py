@@ -85,6 +85,8 @@ class BackgroundExporter:
             return
         if result == MetricExportResult.SUCCESS:
             self.exported += 1
+        elif getattr(self.exporter, "logs_own_failures", False):
+            self.failed += 1  # it logged the first failure itself, with the backend's reason
         else:
             self._record_failure(f"result {result}")
 

@@ -22,6 +22,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
+from otel_train.catalog import instrument_names
 from otel_train.errors import OtelTrainError
 from otel_train.exporter_loading import check_exporter_names, create_named_exporter
 from otel_train.flop_counter import StepFlopCounter
@@ -35,17 +36,17 @@ from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext, output_dir_from
 from otel_train.sampling import GroupIndex, SamplingView, parse_intervals, resolve_views
 from otel_train.signals import install_signal_flush
+from otel_train.system_metrics import (
+    SystemMetricsOption,
+    register_system_metrics,
+    resolve_system_metrics_config,
+)
 from otel_train.telemetry import Telemetry
 from otel_train.throughput import resolve_throughput_settings
 
 _logger = logging.getLogger("otel_train.setup")
 
-STANDARD_INSTRUMENTS = (
-    "train.tokens", "train.samples", "train.nonfinite", "train.loss", "train.learning_rate",
-    "train.grad_norm", "train.epoch", "train.global_step", "train.perplexity", "perf.step_time",
-    "perf.tokens_per_second", "perf.samples_per_second", "perf.steps_per_second", "perf.eta",
-    "perf.flops_per_second", "perf.mfu", "eval.loss", "eval.perplexity", "eval.best_perplexity",
-)  # fmt: skip
+STANDARD_INSTRUMENTS = instrument_names()
 
 ExporterSpec = str | MetricExporter | MetricReader
 
@@ -73,6 +74,7 @@ def setup(
     dtype: Any = None,
     measure_flops: bool | int = False,
     gpu_metrics: bool = True,
+    system_metrics: SystemMetricsOption = True,
     key_overrides: Mapping[str, str | KeySpec | tuple[KeySpec, ...]] | None = None,
     key_preset: str = "default",
     resume: bool = False,
@@ -84,6 +86,8 @@ def setup(
     install_global: bool = False,
     reduce_across_ranks: bool = False,
     handle_signals: bool = True,
+    max_attribute_sets: int = 200,
+    perplexity: bool | None = None,
 ) -> Telemetry:
     """Build the telemetry of one process (rank). See the README for every option.
 
@@ -97,8 +101,17 @@ def setup(
 
     MFU: `model=` + `seq_len=` give FLOPs per token (or `flops_per_token=`); `peak_flops=`
     (FLOP/s of this rank's devices, or a device name) or `dtype=` gives the peak;
-    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch.
+    `deepspeed_config=` / `batch_size=` / `micro_batch_size=` give the effective batch;
+    `stage=` ("dpo", "ppo", "grpo", ...) picks the FLOPs rule (`otel_train.model_flops`).
     `measure_flops=True` counts one step's FLOPs with torch (an int N: every N steps, costly).
+
+    `max_attribute_sets`: attribute sets one staged instrument may export (more fold into an
+    `otel.metric.overflow` series, with one warning). `perplexity`: derive train/eval
+    perplexity from the loss; default: only for cross-entropy stages (pretrain, sft, train).
+    `install_global=True` makes `opentelemetry.metrics.get_meter()` record into this pipeline.
+    `system_metrics`: process and host metrics (CPU, RSS, disk and network I/O) from
+    opentelemetry-instrumentation-system-metrics with the gpu group; a mapping picks the
+    metrics (that package's config format), False turns them off.
     """
     env = os.environ
     run_name = run or env.get("OTEL_TRAIN_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
@@ -108,6 +121,7 @@ def setup(
     directory = output_dir_from(output_dir, env)
     specs = _exporter_specs(exporters, env)
     _check_positive("max_queue_batches", max_queue_batches)
+    _check_positive("max_attribute_sets", max_attribute_sets)
     if total_steps is not None:
         _check_positive("total_steps", total_steps)
     views = resolve_views(
@@ -126,6 +140,9 @@ def setup(
         resume=resume or resume_step > 0,
         namer=KeyNamer(key_overrides, preset=key_preset),
         total_steps=total_steps,
+        exports_global_values=reduce_across_ranks
+        and rank_info.rank == 0
+        and rank_info.world_size > 1,
     )
     # Everything that can reject the options runs before any exporter opens a file, binds
     # a port or starts W&B: a rejected setup leaves nothing running.
@@ -141,9 +158,11 @@ def setup(
         gradient_accumulation_steps=gradient_accumulation_steps,
         world_size=world_size if world_size is not None else rank_info.world_size,
         dtype=dtype,
+        stage=stage,
     )
     if measure_flops and model is None:
         raise OtelTrainError("measure_flops=True needs model= (the module whose step is counted)")
+    system_config = resolve_system_metrics_config(system_metrics, local_rank=context.local_rank)
     reader = StepSampledReader(groups, max_queue_batches=max_queue_batches)
     pull_readers: list[MetricReader] = []
     push_exporters: list[tuple[str, MetricExporter]] = []
@@ -192,21 +211,31 @@ def setup(
         reducer=CrossRankReducer(keep_on_this_rank=context.rank == 0)
         if reduce_across_ranks
         else None,
+        max_attribute_sets=max_attribute_sets,
+        perplexity=perplexity,
     )
     if gpu_metrics:
-        register_gpu_metrics(telemetry)
+        # Energy per token pairs this rank's GPU energy with this rank's tokens; reduced
+        # (global) tokens on rank 0 would divide by the wrong count.
+        register_gpu_metrics(telemetry, joules_per_token=not reduce_across_ranks)
+    if system_config is not None:
+        register_system_metrics(telemetry, system_config)
     if measure_flops:
         every = None if measure_flops is True else int(measure_flops)
         # Kept alive by the model's hook and the gauge's callback; nothing else holds it.
         StepFlopCounter(telemetry, model, every_n_steps=every)
     if handle_signals:
-        install_signal_flush(_flush_live_on_signal, timeout_millis=shutdown_timeout_millis)
+        install_signal_flush(
+            _flush_live_on_signal,
+            timeout_millis=shutdown_timeout_millis,
+            busy_here=_live_busy_on_this_thread,
+        )
     for pull_reader in pull_readers:
         attach = getattr(pull_reader, "attach_nonfinite_board", None)
         if callable(attach):
             attach(reader.nonfinite)  # so a scrape shows NaN, not the last finite value
     if install_global:
-        otel_metrics.set_meter_provider(provider)
+        otel_metrics.set_meter_provider(telemetry.meter_provider)
     _live.add(telemetry)
     return telemetry
 
@@ -304,6 +333,10 @@ def _flush_live_on_signal(signum: int, budget_millis: float) -> None:
             telemetry.shutdown(timeout_millis=budget_millis)
         else:
             telemetry.flush(timeout_millis=budget_millis)
+
+
+def _live_busy_on_this_thread() -> bool:
+    return any(telemetry.busy_on_this_thread() for telemetry in list(_live))
 
 
 def _disable_live_in_forked_child() -> None:

@@ -5,6 +5,7 @@ it at the first forward after `tel.step()` moved on, so forward, backward and ev
 accumulation micro-batch of that step are counted. The result is reported as
 `perf.actual_flops` (FLOPs of one optimizer step on this rank). Re-measuring every N steps
 (`every_n_steps=`) makes those steps several times slower: use it for debugging only.
+torch 2.13's counter misses CPU attention; `flop_counter_mode()` adds it (pytorch#195460).
 """
 
 from __future__ import annotations
@@ -23,6 +24,41 @@ if TYPE_CHECKING:
 _logger = logging.getLogger("otel_train.flop_counter")
 
 
+def _cpu_attention_formulas() -> dict[Any, Any]:
+    """torch's own SDPA formulas for the CPU flash-attention ops it does not register: on
+    CPU, `scaled_dot_product_attention` (and so `nn.MultiheadAttention`) dispatches to
+    `_scaled_dot_product_flash_attention_for_cpu`, counted as 0 FLOPs (pytorch/pytorch#195460)."""
+    import torch
+    from torch.utils import flop_counter
+
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    count = getattr(flop_counter, "sdpa_flop_count", None)
+    count_backward = getattr(flop_counter, "sdpa_backward_flop_count", None)
+    registry = getattr(flop_counter, "flop_registry", {})
+    if None in (forward, backward, count, count_backward) or forward in registry:
+        return {}  # an older torch without the op, or a newer one that counts it already
+
+    def forward_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+        return int(count(query, key, value))  # type: ignore[misc]
+
+    def backward_flops(
+        grad_out: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any
+    ) -> int:
+        return int(count_backward(grad_out, query, key, value))  # type: ignore[misc]
+
+    return {forward: forward_flops, backward: backward_flops}
+
+
+def flop_counter_mode(*, display: bool = False) -> Any:
+    """torch's `FlopCounterMode`, counting CPU attention too (see `_cpu_attention_formulas`)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError as error:
+        raise ImportError('measure_flops needs torch: pip install "otel-train[torch]"') from error
+    return FlopCounterMode(display=display, custom_mapping=_cpu_attention_formulas())
+
+
 class StepFlopCounter:
     """Counts the FLOPs of the first training step of `model` (and every N-th, if asked)."""
 
@@ -31,13 +67,7 @@ class StepFlopCounter:
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
         ):
             raise OtelTrainError(f"measure_flops every_n_steps must be an int, got {every_n_steps}")
-        try:
-            from torch.utils.flop_counter import FlopCounterMode
-        except ImportError as error:
-            raise ImportError(
-                'measure_flops needs torch: pip install "otel-train[torch]"'
-            ) from error
-        self._mode_type = FlopCounterMode
+        flop_counter_mode()  # fails here, at setup, when torch is missing
         self._telemetry = telemetry
         self._every = every_n_steps
         self._mode: Any = None
@@ -64,7 +94,7 @@ class StepFlopCounter:
             and last >= self._next_measure_after
             and (self.flops_per_step is None or self._every is not None)
         ):
-            self._mode = self._mode_type(display=False)
+            self._mode = flop_counter_mode()
             self._mode.__enter__()
             self._measuring_step = last
 

@@ -1,17 +1,21 @@
 """The standard instrument set every stage shares (pretrain, SFT, DPO, PPO), and `record()`.
 
 Same names everywhere is the point: a DPO run and a pretrain run chart on the same panels.
-`record()` is the hot path: it stores references and adds host numbers, nothing else.
+The instruments come from the one catalog (`otel_train.catalog`); `record()` is the hot path:
+it type-checks, keeps references and appends to short lists, nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry.metrics import Counter, Histogram, Meter, _Gauge
+from opentelemetry.metrics import Histogram, Meter
 
-from otel_train.errors import UnknownMetricError
-from otel_train.staging import StagedCounter
+from otel_train.catalog import BY_KEYWORD, RECORD_KEYWORDS, STANDARD_INSTRUMENTS
+from otel_train.errors import OtelTrainError, UnknownMetricError
+from otel_train.staged_meter import StagedInstrument, StagingRegistry
+from otel_train.staging import stage_value
 
 # Step-time buckets, seconds: a 1-1.5-2-3-5-7.5 ladder from 1 ms to 60 s (p50/p95 from these
 # interpolate within ~25%; the SDK default 0..10000 would put every step in one bucket).
@@ -24,76 +28,65 @@ STEP_TIME_BUCKETS_SECONDS: tuple[float, ...] = (
     *(10.0, 15.0, 20.0, 30.0, 45.0, 60.0),
 )
 
-RECORDABLE = ("loss", "learning_rate", "grad_norm", "tokens", "samples", "epoch")
+RECORDABLE = RECORD_KEYWORDS
+
+# Derived or host-side instruments the telemetry records into directly (not staged).
+_DIRECT = ("train.global_step", "perf.step_time")
+
+
+def instrument_name_for(key: str) -> str:
+    """`record()` mapping keys -> instrument names: `rewards/margins` -> `rewards.margins`;
+    a bare name joins the train group (`reward` -> `train.reward`, `loss` -> `train.loss`)."""
+    name = key.replace("/", ".")
+    return name if "." in name else f"train.{name}"
 
 
 class TrainingInstruments:
-    """`tel.training`: the OTel instruments plus the staging `record()` writes into."""
+    """`tel.training`: the standard instruments plus the staging `record()` writes into."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, registry: StagingRegistry, *, perplexity: bool = True) -> None:
         self.meter = meter
-        gauge = meter.create_gauge
-        self.tokens: Counter = meter.create_counter(
-            "train.tokens", unit="{token}", description="Tokens consumed by training (cumulative)"
-        )
-        self.samples: Counter = meter.create_counter(
-            "train.samples",
-            unit="{sample}",
-            description="Samples consumed by training (cumulative)",
-        )
-        self.nonfinite: Counter = meter.create_counter(
-            "train.nonfinite", unit="{value}", description="Recorded values that were NaN or inf"
-        )
-        self.loss: _Gauge = gauge("train.loss", description="Training loss at the sampled step")
-        self.learning_rate: _Gauge = gauge("train.learning_rate", description="Learning rate")
-        self.grad_norm: _Gauge = gauge("train.grad_norm", description="Global gradient norm")
-        self.epoch: _Gauge = gauge("train.epoch", description="Epoch (fractional where known)")
-        self.global_step: _Gauge = gauge(
+        self.registry = registry
+        self.standard: dict[str, StagedInstrument] = {}
+        for spec in STANDARD_INSTRUMENTS:
+            if spec.name in _DIRECT or (spec.stages is not None and not perplexity):
+                continue
+            if spec.group in ("eval",):
+                continue  # created by evaluate() on first use
+            self.standard[spec.name] = registry.create(
+                spec.kind, spec.name, spec.unit, spec.description
+            )
+        direct = registry.sdk_meter  # host values the telemetry itself records: not staged
+        self.global_step = direct.create_gauge(
             "train.global_step", description="Optimizer step; the x-axis of every backend"
         )
-        self.perplexity: _Gauge = gauge("train.perplexity", description="exp(training loss)")
-        self.step_time: Histogram = meter.create_histogram(
+        # The SDK instrument behind the staged counter: the telemetry adds resolved counts.
+        self.nonfinite = self.standard["train.nonfinite"].sdk
+        # Exported as 0 until the first NaN (Prometheus practice: a counter that does not
+        # exist yet reads "No data", not "none so far").
+        self.nonfinite.add(0)
+        self.step_time: Histogram = direct.create_histogram(
             "perf.step_time", unit="s", description="Wall time between consecutive steps"
         )
-        self.tokens_per_second: _Gauge = gauge(
-            "perf.tokens_per_second",
-            unit="{token}/s",
-            description="Tokens per second, all of this rank's",
-        )
-        self.samples_per_second: _Gauge = gauge(
-            "perf.samples_per_second", unit="{sample}/s", description="Samples per second"
-        )
-        self.steps_per_second: _Gauge = gauge(
-            "perf.steps_per_second", unit="{step}/s", description="Optimizer steps per second"
-        )
-        self.eta: _Gauge = gauge("perf.eta", unit="s", description="Estimated time to total_steps")
-        self.flops_per_second: _Gauge = gauge(
-            "perf.flops_per_second", unit="{flop}/s", description="Achieved model FLOP/s"
-        )
-        self.mfu: _Gauge = gauge(
-            "perf.mfu", unit="1", description="Model FLOPs utilisation (achieved / peak)"
-        )
-        # Staging: plain attributes, read at sampled steps.
-        self.staged_gauges: dict[str, Any] = {
-            "train.loss": None,
-            "train.learning_rate": None,
-            "train.grad_norm": None,
-            "train.epoch": None,
+        # Hot-path shortcuts: keyword -> (instrument name, slot), looked up once.
+        self._slots = {
+            keyword: (spec.name, self.standard[spec.name].plain_slot())
+            for keyword, spec in BY_KEYWORD.items()
         }
-        self.staged_tokens = StagedCounter("train.tokens")
-        self.staged_samples = StagedCounter("train.samples")
-        self.enabled = True
+        self._by_key: dict[str, Any] = {}
 
-    def gauge_for(self, instrument_name: str) -> _Gauge:
-        return {
-            "train.loss": self.loss,
-            "train.learning_rate": self.learning_rate,
-            "train.grad_norm": self.grad_norm,
-            "train.epoch": self.epoch,
-        }[instrument_name]
+    @property
+    def enabled(self) -> bool:
+        return self.registry.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.registry.enabled = value
 
     def record(
         self,
+        values: Mapping[str, Any] | None = None,
+        /,
         *,
         loss: Any = None,
         learning_rate: Any = None,
@@ -105,27 +98,64 @@ class TrainingInstruments:
     ) -> None:
         """Stage this step's values: numbers or 0-dim tensors on any device, never synced here.
 
-        Gauges keep the last value recorded before a sampled step; `tokens` / `samples` are
-        per-step amounts and accumulate (on their device when given as tensors).
+        Standard keywords go to the catalog's instruments (`loss` / `grad_norm`: interval mean
+        and max; `tokens` / `samples`: per-step amounts, summed; the rest: last value).
+        `values` maps any other name to a value: `{"rewards/margins": m}` stages the
+        instrument `rewards.margins`, created on first use (a gauge unless it was declared on
+        `tel.meter` or in the catalog with another kind).
         """
         if unknown:
             raise UnknownMetricError(
-                f"record() got unknown metric(s) {sorted(unknown)}; "
-                f"valid: {', '.join(RECORDABLE)}. "
-                "For other values create an instrument on tel.meter (e.g. 'train.reward')."
+                f"record() got unknown keyword(s) {sorted(unknown)}; "
+                f"valid: {', '.join(RECORDABLE)}. For any other value pass a mapping, e.g. "
+                "tel.record({'train.reward': r}), or create an instrument on tel.meter."
             )
-        if not self.enabled:
+        if not self.registry.enabled:
             return
-        staged = self.staged_gauges
+        # Unrolled on purpose: this runs every step, a loop would allocate its tuples.
+        slots = self._slots
         if loss is not None:
-            staged["train.loss"] = loss
+            name, slot = slots["loss"]
+            slot.add(stage_value(name, loss))
         if learning_rate is not None:
-            staged["train.learning_rate"] = learning_rate
+            name, slot = slots["learning_rate"]
+            slot.add(stage_value(name, learning_rate))
         if grad_norm is not None:
-            staged["train.grad_norm"] = grad_norm
-        if epoch is not None:
-            staged["train.epoch"] = epoch
+            name, slot = slots["grad_norm"]
+            slot.add(stage_value(name, grad_norm))
         if tokens is not None:
-            self.staged_tokens.add(tokens)
+            self._add_count("tokens", tokens)
         if samples is not None:
-            self.staged_samples.add(samples)
+            self._add_count("samples", samples)
+        if epoch is not None:
+            name, slot = slots["epoch"]
+            slot.add(stage_value(name, epoch))
+        if values:
+            self._record_mapping(values)
+
+    def _add_count(self, keyword: str, amount: Any) -> None:
+        name, slot = self._slots[keyword]
+        staged = stage_value(name, amount)
+        if type(staged) is float and staged < 0:
+            raise OtelTrainError(
+                f"{name} is a counter and cannot decrease; got increment {amount}. Record the "
+                "per-step amount (e.g. tokens in this batch), not a difference."
+            )
+        slot.add(staged)
+
+    def _record_mapping(self, values: Mapping[str, Any]) -> None:
+        if not isinstance(values, Mapping):
+            raise UnknownMetricError(
+                f"record() takes a mapping of name -> value, got {type(values).__name__}"
+            )
+        by_key = self._by_key
+        for key, value in values.items():
+            if value is None:
+                continue
+            record = by_key.get(key)
+            if record is None:
+                if not isinstance(key, str):
+                    raise UnknownMetricError(f"record() keys are names, got {key!r}")
+                instrument = self.registry.instrument_for(instrument_name_for(key))
+                record = by_key[key] = instrument.put
+            record(value)

@@ -24,7 +24,11 @@ class KeySpec:
 
 
 # Group renames: the OTel semantic conventions spell GPU metrics `hw.gpu.*`; people chart `gpu/*`.
-_GROUP_PREFIXES: tuple[tuple[str, str], ...] = (("hw.gpu.", "gpu."), ("hw.power", "gpu.power"))
+_GROUP_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("hw.gpu.", "gpu."),
+    ("hw.power", "gpu.power"),
+    ("hw.energy", "gpu.energy"),
+)
 
 DEFAULT_KEY_OVERRIDES: Mapping[str, tuple[KeySpec, ...]] = {
     "train.tokens": (KeySpec("train/num_input_tokens_seen"),),

@@ -129,3 +129,17 @@ def warn_unknown_once(device_name: str, dtype: object) -> None:
         device_name,
         dtype,
     )
+
+
+def warn_no_device_once(dtype: object) -> None:
+    """`peak_flops(None, dtype)` without a CUDA device: the table has no CPU rows."""
+    token = f"<no cuda device>|{dtype}"
+    if token in _warned:
+        return
+    _warned.add(token)
+    _logger.warning(
+        "otel-train: no peak FLOP/s for dtype %s: no CUDA device is visible to look up, so "
+        "perf.mfu is omitted. Pass setup(peak_flops=<dense FLOP/s of this rank's devices>) or "
+        "set OTEL_TRAIN_PEAK_FLOPS to report MFU.",
+        dtype,
+    )

@@ -11,9 +11,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.sdk.metrics import Histogram
 from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Metric,
     MetricExporter,
     MetricReader,
     MetricsData,
@@ -21,8 +25,9 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
 )
 
+from otel_train._sdk_compat import exponential_unless_buckets_given
 from otel_train.background import BackgroundExporter
-from otel_train.nonfinite import NonFiniteBoard, with_nonfinite
+from otel_train.nonfinite import NonFiniteBoard, SeriesKey, series_key, with_nonfinite
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT
 from otel_train.sampling import GroupIndex
 
@@ -39,12 +44,15 @@ class StepSampledReader(MetricReader):
         max_queue_batches: int = 1024,
         nonfinite: NonFiniteBoard | None = None,
     ) -> None:
-        super().__init__()
+        # Histograms without explicit buckets: base-2 exponential buckets, so percentiles of
+        # small values are within a few percent (the SDK default 0, 5, 10, ... is not).
+        super().__init__(preferred_aggregation={Histogram: exponential_unless_buckets_given()})
         self.nonfinite = nonfinite or NonFiniteBoard()
         self._groups = group_index
         self._max_queue_batches = max_queue_batches
         self._exporters: list[BackgroundExporter] = []
         self._due: frozenset[str] = frozenset()
+        self._fresh: Freshness | None = None
         self._collecting_thread: int | None = None
         self._collect_lock = threading.Lock()
         self._shut_down = False
@@ -80,11 +88,17 @@ class StepSampledReader(MetricReader):
         return run_when_due
 
     # -- the step-driven export -----------------------------------------------------------
-    def export_groups(self, groups: frozenset[str]) -> None:
-        """Collect now and queue the metrics of `groups` for every exporter. Never raises."""
+    def export_groups(self, groups: frozenset[str], fresh: Freshness | None = None) -> None:
+        """Collect now and queue the metrics of `groups` for every exporter. Never raises.
+
+        `fresh`: which series of our synchronous gauges were set for this export. The SDK's
+        gauges repeat their last value at every collection; a gauge series not set since
+        the previous export of its group is left out (absent, never a stale value).
+        """
         if self._shut_down or not groups:
             return
         with self._collect_lock:
+            self._fresh = fresh
             self._due = groups
             self._collecting_thread = threading.get_ident()
             try:
@@ -96,6 +110,7 @@ class StepSampledReader(MetricReader):
             finally:
                 self._collecting_thread = None
                 self._due = frozenset()
+                self._fresh = None
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
@@ -117,9 +132,10 @@ class StepSampledReader(MetricReader):
             scopes = []
             for scope in resource.scope_metrics:
                 kept = [
-                    metric
+                    current
                     for metric in scope.metrics
                     if metric.name == GLOBAL_STEP_INSTRUMENT or group_of(metric.name) in due
+                    if (current := _without_stale(metric, self._fresh)) is not None
                 ]
                 has_payload = has_payload or any(
                     metric.name != GLOBAL_STEP_INSTRUMENT for metric in kept
@@ -131,7 +147,12 @@ class StepSampledReader(MetricReader):
                     ResourceMetrics(resource.resource, scopes, resource.schema_url)
                 )
         overrides = self.nonfinite.snapshot()
-        due_overrides = {n: v for n, v in overrides.items() if group_of(n) in due}
+        fresh = self._fresh
+        due_overrides = {
+            k: v
+            for k, v in overrides.items()
+            if group_of(k[0]) in due and (fresh is None or k in fresh.series)
+        }
         if not has_payload and not due_overrides:
             return None
         return with_nonfinite(MetricsData(resource_metrics), due_overrides)
@@ -167,3 +188,26 @@ class StepSampledReader(MetricReader):
             closer.start()
         for closer in closers:
             closer.join(max(0.0, deadline - time.monotonic()) + 0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """The synchronous gauges we own (`names`) and which of their series were just set."""
+
+    names: frozenset[str] | set[str]
+    series: set[SeriesKey]
+
+
+def _without_stale(metric: Metric, fresh: Freshness | None) -> Metric | None:
+    if fresh is None or metric.name not in fresh.names or not isinstance(metric.data, Gauge):
+        return metric
+    points = [
+        point
+        for point in metric.data.data_points
+        if series_key(metric.name, point.attributes) in fresh.series
+    ]
+    if len(points) == len(metric.data.data_points):
+        return metric
+    if not points:
+        return None
+    return Metric(metric.name, metric.description, metric.unit, Gauge(points))

@@ -3,21 +3,70 @@
 Gauges (loss, grad norm, ...) become the mean over the ranks that recorded them, counter
 increments (tokens, samples) the sum. Every rank reaches the same sampled steps (sampling is
 by step), so the collective cannot deadlock a healthy job; every rank must call `step()`.
+Label-based backends tell the all-rank values apart by a `scope` attribute (`with_scope`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from otel_train.staging import Resolved
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Metric,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+
+from otel_train.catalog import STANDARD_INSTRUMENTS
 
 _logger = logging.getLogger("otel_train.reduction")
 
 # A fixed slot order, identical on every rank: the packed vector must line up element-wise.
-GAUGE_SLOTS = ("train.loss", "train.learning_rate", "train.grad_norm", "train.epoch")
-COUNTER_SLOTS = ("train.tokens", "train.samples")
+# From the catalog: "mean" reductions (loss, lr, grad norm, epoch), "sum" ones (tokens, ...).
+GAUGE_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "mean")
+COUNTER_SLOTS = tuple(s.name for s in STANDARD_INSTRUMENTS if s.reduce == "sum")
+
+# Instruments whose values are the all-rank reduction on the rank that keeps it (rank 0) and
+# that rank's own values elsewhere: the reduced slots and what is derived from them (rates
+# from the global token count, perplexity from the mean loss, epoch/final totals).
+REDUCED_INSTRUMENTS: frozenset[str] = frozenset(
+    {
+        *GAUGE_SLOTS,
+        *COUNTER_SLOTS,
+        "train.perplexity",
+        "perf.tokens_per_second",
+        "perf.samples_per_second",
+        "perf.flops_per_second",
+        "perf.mfu",
+        "epoch.tokens",
+        "epoch.samples",
+        "epoch.tokens_per_second",
+        "epoch.train_loss_mean",
+        "final.total_tokens",
+        "final.total_samples",
+        "final.train_loss",
+    }
+)
+# The attribute label-based backends (Prometheus, OTLP via a collector) get on those
+# instruments: "global" on the reducing rank, "rank" everywhere else. A sum over ranks of the
+# "rank" series never includes a global value; the dashboard prefers "global" where it exists.
+SCOPE_ATTRIBUTE = "scope"
+GLOBAL_SCOPE = "global"
+RANK_SCOPE = "rank"
+
+
+@dataclass(slots=True)
+class Resolved:
+    """This rank's resolved standard values: gauges (interval means) and counter increments."""
+
+    gauges: dict[str, float]
+    counter_increments: dict[str, float]
 
 
 class CrossRankReducer:
@@ -28,6 +77,9 @@ class CrossRankReducer:
         # global ones, so summing `train_tokens_total` over ranks never double-counts.
         self.keep_on_this_rank = keep_on_this_rank
         self.reductions = 0
+        # How many ranks' work this rank's last values hold: the world size once rank 0 has
+        # replaced its values by global ones, else 1 (MFU divides by that many peaks).
+        self.ranks_in_values = 1
         self._warned = False
 
     def active(self) -> bool:
@@ -36,6 +88,35 @@ class CrossRankReducer:
             return False
         dist = torch.distributed
         return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+    def reduce_taken(self, taken: list[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]]:
+        """The standard values of a sampled step's resolution, reduced across ranks in
+        place of this rank's own (means replace means, sums replace increments)."""
+        if not self.active():
+            return taken
+        local = Resolved(gauges={}, counter_increments={})
+        for instrument, key, value in taken:
+            name = instrument.staged_name
+            if key is not None or value is None:
+                continue
+            if name in GAUGE_SLOTS:
+                local.gauges[name] = value[0] if isinstance(value, tuple) else value
+            elif name in COUNTER_SLOTS and value:
+                local.counter_increments[name] = sum(value)
+        reduced = self.reduce(local)
+        if reduced is local:
+            return taken
+        merged = []
+        for instrument, key, value in taken:
+            name = instrument.staged_name
+            if key is None and value is not None:
+                if name in reduced.gauges and name in local.gauges:
+                    mean = reduced.gauges[name]
+                    value = (mean, *value[1:]) if isinstance(value, tuple) else mean
+                elif name in reduced.counter_increments and name in local.counter_increments:
+                    value = [reduced.counter_increments[name]]
+            merged.append((instrument, key, value))
+        return merged
 
     def reduce(self, resolved: Resolved) -> Resolved:
         """All-reduce `resolved` across ranks. Any failure leaves the local values in place."""
@@ -66,6 +147,7 @@ class CrossRankReducer:
         self.reductions += 1
         if not self.keep_on_this_rank:
             return resolved
+        self.ranks_in_values = dist.get_world_size()
         return unpack(vector.tolist(), resolved)
 
 
@@ -93,3 +175,48 @@ def unpack(summed: list[float], local: Resolved) -> Resolved:
         if total or name in increments:
             increments[name] = total
     return Resolved(gauges=gauges, counter_increments=increments)
+
+
+def with_scope(metrics_data: MetricsData, *, global_values: bool) -> MetricsData:
+    """A copy of `metrics_data` whose data points of `REDUCED_INSTRUMENTS` carry
+    `scope="global"` (this rank exports the all-rank values) or `scope="rank"`.
+
+    Only label-based exporters call this: JSON lines and W&B rows are per rank already, and
+    their keys must not change with the attribute.
+    """
+    scope = GLOBAL_SCOPE if global_values else RANK_SCOPE
+    resources = []
+    changed = False
+    for resource in metrics_data.resource_metrics:
+        scopes = []
+        for scope_metrics in resource.scope_metrics:
+            metrics = []
+            for metric in scope_metrics.metrics:
+                if metric.name in REDUCED_INSTRUMENTS:
+                    metric = _scoped(metric, scope)
+                    changed = True
+                metrics.append(metric)
+            scopes.append(ScopeMetrics(scope_metrics.scope, metrics, scope_metrics.schema_url))
+        resources.append(ResourceMetrics(resource.resource, scopes, resource.schema_url))
+    return MetricsData(resources) if changed else metrics_data
+
+
+def _scoped(metric: Metric, scope: str) -> Metric:
+    data = metric.data
+    if not isinstance(data, (Gauge, Sum)):
+        return metric  # no reduced instrument is a histogram
+    points = [
+        NumberDataPoint(
+            attributes={**(point.attributes or {}), SCOPE_ATTRIBUTE: scope},
+            start_time_unix_nano=point.start_time_unix_nano,
+            time_unix_nano=point.time_unix_nano,
+            value=point.value,
+            exemplars=point.exemplars,
+        )
+        for point in data.data_points
+    ]
+    if isinstance(data, Sum):
+        scoped: Gauge | Sum = Sum(points, data.aggregation_temporality, data.is_monotonic)
+    else:
+        scoped = Gauge(points)
+    return Metric(metric.name, metric.description, metric.unit, scoped)

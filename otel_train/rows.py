@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    ExponentialHistogram,
     Gauge,
     Histogram,
     HistogramDataPoint,
@@ -22,6 +23,7 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
+from otel_train.exponential import ExponentialIntervals
 from otel_train.naming import KeyNamer, attribute_suffix
 
 GLOBAL_STEP_INSTRUMENT = "train.global_step"
@@ -76,6 +78,7 @@ class RowBuilder:
     def __init__(self, namer: KeyNamer | None = None) -> None:
         self.namer = namer or KeyNamer()
         self._previous_histograms: dict[str, tuple[float, float, tuple[float, ...]]] = {}
+        self._exponential = ExponentialIntervals()
 
     def build(self, metrics_data: MetricsData) -> MetricRow:
         row = MetricRow(step=None, time=0.0)
@@ -90,6 +93,8 @@ class RowBuilder:
                         row.step = int(data.data_points[-1].value)  # type: ignore[union-attr]
                     if isinstance(data, Histogram):
                         self._add_histogram(row, metric.name, data)
+                    elif isinstance(data, ExponentialHistogram):
+                        self._add_exponential(row, metric.name, data)
                     elif isinstance(data, (Gauge, Sum)):
                         for point in data.data_points:
                             suffix = attribute_suffix(point.attributes)
@@ -118,6 +123,17 @@ class RowBuilder:
                 )
                 if estimate is not None:
                     self._put(row, name, suffix + label, estimate)
+
+    def _add_exponential(self, row: MetricRow, name: str, data: ExponentialHistogram) -> None:
+        cumulative = data.aggregation_temporality == AggregationTemporality.CUMULATIVE
+        for point in data.data_points:
+            suffix = attribute_suffix(point.attributes)
+            interval = self._exponential.interval(name + suffix, point, cumulative=cumulative)
+            if interval is None:
+                continue
+            self._put(row, name, suffix, interval.mean)
+            for quantile, label in ((0.5, "_p50"), (0.95, "_p95")):
+                self._put(row, name, suffix + label, interval.quantile(quantile))
 
     def _interval(
         self, identity: str, data: Histogram, point: HistogramDataPoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -9,16 +10,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 
-_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
+# Letters and digits of every script (`\w` is Unicode-aware) and a few safe marks; anything
+# else (path separators, spaces, control characters) becomes `_`.
+_UNSAFE_FILE_CHAR = re.compile(r"[^\w.=+-]")
+# File systems cap one name at 255 bytes; stay far below so `<run>/rank<N>.jsonl` and the
+# temp names of atomic writes fit too.
+MAX_RUN_FOLDER_BYTES = 100
+_DIGEST_CHARS = 8
+
+
+class RunNameError(OtelTrainError):
+    """A run name that cannot name a folder (empty, `.` or `..`)."""
 
 
 def file_safe_run_name(run: str) -> str:
-    """`team/exp..1` -> `team_exp_1`: never a path separator or a parent reference."""
-    safe = _UNSAFE_FILE_CHARS.sub("_", run)
-    safe = re.sub(r"\.{2,}", "_", safe).strip("._")
-    return safe or "run"
+    """The run's folder name: the name itself when it is safe, else a safe spelling plus a
+    short hash of the original, so distinct names never share a folder.
+
+    `gpt-small` -> `gpt-small`; `训练-实验` -> `训练-实验`; `a/b` -> `a_b-<hash>` (not `a_b`'s
+    folder); a name over `MAX_RUN_FOLDER_BYTES` is cut and hashed. Empty, `.`, `..` (or only
+    dots) raise `RunNameError`."""
+    stripped = run.strip() if isinstance(run, str) else ""
+    if not stripped or set(stripped) == {"."}:
+        raise RunNameError(
+            f"run={run!r} cannot name the run's folder; pass a name with letters or digits, "
+            "e.g. run='gpt-small-sft'"
+        )
+    safe = _UNSAFE_FILE_CHAR.sub("_", run)
+    if safe.startswith("."):  # no hidden folders
+        safe = "_" + safe[1:]
+    if safe == run and len(safe.encode("utf-8")) <= MAX_RUN_FOLDER_BYTES:
+        return safe
+    digest = hashlib.sha256(run.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
+    room = MAX_RUN_FOLDER_BYTES - _DIGEST_CHARS - 1
+    cut = safe.encode("utf-8", "replace")[:room].decode("utf-8", "ignore")  # whole characters
+    return f"{cut}-{digest}"
 
 
 def output_dir_from(output_dir: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -46,6 +75,12 @@ class RunContext:
     resume: bool = False
     namer: KeyNamer = field(default_factory=KeyNamer)
     total_steps: int | None = None
+    # reduce_across_ranks=True on rank 0 of a multi-rank job: the reduced instruments hold
+    # all-rank values here, so label-based exporters tag them scope="global".
+    exports_global_values: bool = False
+
+    def __post_init__(self) -> None:
+        file_safe_run_name(self.run)  # a run that cannot name a folder fails before any export
 
     @property
     def run_dir(self) -> Path:

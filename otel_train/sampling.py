@@ -20,7 +20,9 @@ DEFAULT_INTERVALS: Mapping[str, int] = {"train": 10, "perf": 20, "gpu": 50}
 GROUP_PATTERNS: Mapping[str, tuple[str, ...]] = {
     "train": ("train.*",),
     "perf": ("perf.*",),
-    "gpu": ("gpu.*", "hw.*"),  # hw.*: OTel hardware semconv (hw.gpu.*, hw.power)
+    # hw.*: OTel hardware semconv (hw.gpu.*, hw.power, hw.energy); process.* / system.*: the
+    # OTel system-metrics instrumentation (psutil), as rarely as the GPU probes.
+    "gpu": ("gpu.*", "hw.*", "process.*", "system.*"),
     "health": ("otel_train.*",),
 }
 EVENT_GROUPS: tuple[str, ...] = ("eval", "epoch", "final")
@@ -95,6 +97,13 @@ def views_from_intervals(intervals: Mapping[str, int | None] | None) -> list[Sam
             raise OtelTrainError(
                 f"{group!r} is an event group (exported when it happens); it takes no interval"
             )
+        if group not in GROUP_PATTERNS:
+            raise OtelTrainError(
+                f"intervals names an unknown sampling group {group!r}; the groups are "
+                f"{', '.join(sorted(GROUP_PATTERNS))}. For instruments of your own prefix pass "
+                "views instead, e.g. intervals=[SamplingView(instrument_name='dpo.*', "
+                "every_n_steps=5), ...]"
+            )
         merged[group] = _check_interval(group, interval)
     if intervals and "perf" in intervals and "health" not in intervals:
         merged["health"] = merged["perf"]
@@ -128,8 +137,25 @@ def resolve_views(
                 views.append(
                     SamplingView(instrument_name=f"{group}.*", every_n_steps=None, group=group)
                 )
-    _reject_conflicts(views, known_instruments)
+    known = tuple(known_instruments)
+    _reject_views_naming_nothing(views, known)
+    _reject_conflicts(views, known)
     return views
+
+
+def _reject_views_naming_nothing(views: Sequence[SamplingView], known: Sequence[str]) -> None:
+    """An exact instrument name that is no standard instrument is a typo until proven
+    otherwise; wildcards may name the user's own instruments, created after setup()."""
+    for view in views:
+        pattern = view.instrument_name
+        if any(ch in pattern for ch in "*?[") or pattern in known:
+            continue
+        close = [name for name in known if name.split(".")[0] == pattern.split(".")[0]]
+        raise OtelTrainError(
+            f"view {pattern!r} names no standard instrument; valid names include "
+            f"{', '.join(close or known[:8])}. For an instrument of your own use a wildcard "
+            f"(e.g. {pattern + '*'!r})"
+        )
 
 
 def _reject_conflicts(views: Sequence[SamplingView], known_instruments: Iterable[str]) -> None:

@@ -19,14 +19,27 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _previous: dict[int, Any] = {}
 _flush_all: Callable[[int, float], None] | None = None
+_busy_here: Callable[[], bool] | None = None
+_deferred: list[int] = []
 _timeout_millis = 10_000.0
 
 
-def install_signal_flush(flush_all: Callable[[int, float], None], *, timeout_millis: float) -> bool:
+def install_signal_flush(
+    flush_all: Callable[[int, float], None],
+    *,
+    timeout_millis: float,
+    busy_here: Callable[[], bool] | None = None,
+) -> bool:
     """Install once per process; chain to whatever handler was there. Main thread only
-    (Python allows handlers nowhere else): returns False, changing nothing, elsewhere."""
-    global _flush_all, _timeout_millis
+    (Python allows handlers nowhere else): returns False, changing nothing, elsewhere.
+
+    `busy_here()` says whether the interrupted thread is inside a telemetry's locked
+    section (a sampled step): the flush would wait on that lock, so it is deferred until
+    the section ends (`deliver_deferred()`), a bounded wait.
+    """
+    global _flush_all, _timeout_millis, _busy_here
     _flush_all = flush_all
+    _busy_here = busy_here
     _timeout_millis = max(_timeout_millis if _previous else 0.0, timeout_millis)
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -49,7 +62,22 @@ def uninstall_signal_flush() -> None:
         del _previous[signum]
 
 
+def has_deferred() -> bool:
+    return bool(_deferred)
+
+
+def deliver_deferred() -> None:
+    """Run the signals that arrived inside a locked section, now that it has ended."""
+    while _deferred:
+        _on_signal(_deferred.pop(0), None)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    busy = _busy_here
+    if busy is not None and busy():
+        if signum not in _deferred:
+            _deferred.append(signum)
+        return
     flush_all = _flush_all
     if flush_all is not None:
         # On a helper thread, joined with a deadline: the main thread may have been

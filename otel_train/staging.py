@@ -1,154 +1,316 @@
 """Hold the loop's values until a sampled step, then turn them into numbers with one transfer.
 
-The hot path only stores references (gauges: last value wins) or appends to a short list
-(counters given tensors), so a device tensor is never synchronised on a non-sampled step.
-On a sampled step every staged tensor of one device is packed into one vector and copied to
-the host once (`stack(...).tolist()`): one device->host transfer per device.
+The hot path only checks a value's type and shape (host metadata, never the data), keeps
+references and appends to short lists, so a device tensor is never synchronised on a
+non-sampled step. On a sampled step every pending tensor of every due slot is flattened into
+one float64 vector per device and copied to the host once: one device->host transfer per
+device. A value that cannot become a number is refused when it is recorded, with an error
+that says what to pass instead, so it can never poison a later step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from otel_train.errors import OtelTrainError
 
-# Fold a counter's pending device tensors into one (on the device, no sync) past this many,
-# so a long interval or an event-only group cannot grow the list without bound.
-_FOLD_AT = 256
+# Fold a slot's pending device tensors (on the device, no sync) past this many, so a long
+# interval or an event-only group cannot grow the lists without bound.
+FOLD_AT = 256
+FOLD_HISTOGRAM_AT = 4096
 
 
-def is_host_number(value: object) -> bool:
-    return type(value) in (int, float) or isinstance(value, (int, float))
+# Types seen to be tensors: later values of the same type skip the duck-typing probe.
+_TENSOR_TYPES: set[type] = set()
 
 
 def is_tensor(value: object) -> bool:
-    return hasattr(value, "detach") and hasattr(value, "device")
+    if type(value) in _TENSOR_TYPES:
+        return True
+    if hasattr(value, "detach") and hasattr(value, "device") and hasattr(value, "numel"):
+        _TENSOR_TYPES.add(type(value))
+        return True
+    return False
 
 
-class StagedCounter:
-    """A monotonic counter: host numbers add at once, device tensors are kept for later."""
+def stage_value(name: str, value: Any) -> Any:
+    """A host float or a detached single-value tensor; anything else is refused here.
 
-    __slots__ = ("device_parts", "host_total", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.host_total: float = 0
-        self.device_parts: list[Any] = []
-
-    def add(self, amount: object) -> None:
-        if type(amount) is int or type(amount) is float:
-            if amount < 0:
-                raise OtelTrainError(
-                    f"{self.name} is a counter and cannot decrease; got increment {amount}. "
-                    "Record the per-step amount (e.g. tokens in this batch), not a difference."
-                )
-            self.host_total += amount
-        elif is_tensor(amount):
-            parts = self.device_parts
-            parts.append(amount)
-            if len(parts) >= _FOLD_AT:
-                self.device_parts = [_fold(parts)]
-        elif is_host_number(amount) or hasattr(amount, "__float__"):
-            self.add(float(amount))  # type: ignore[arg-type]  # numpy scalars and friends
-        else:
-            raise OtelTrainError(
-                f"{self.name} takes a number or a 0-dim tensor, got {type(amount).__name__}"
-            )
-
-
-def _fold(parts: list[Any]) -> Any:
-    import torch
-
-    return torch.stack([p.detach().reshape(()) for p in parts]).sum()
-
-
-@dataclass(slots=True)
-class Resolved:
-    """Host values from one resolution: gauges by instrument name and counter increments."""
-
-    gauges: dict[str, float]
-    counter_increments: dict[str, float]
-
-
-def _wide_dtype(torch: Any, device: Any) -> Any:
-    # MPS has no float64; everything else keeps integer token counts exact to 2**53.
-    return torch.float32 if getattr(device, "type", "") == "mps" else torch.float64
-
-
-def resolve(gauges: dict[str, Any], counters: Iterable[StagedCounter]) -> Resolved:
-    """Materialise staged values: host numbers as they are, tensors once per device.
-
-    Clears what it consumed. Raises OtelTrainError for a tensor that is not a single value,
-    before anything is recorded, and drops that value so the following steps export normally.
+    Checks only metadata (type, numel, dtype, device): no data leaves the device.
     """
-    result = Resolved(gauges={}, counter_increments={})
-    by_device: dict[Any, list[tuple[str, str, Any]]] = {}
-    for name, value in gauges.items():
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return _int_to_float(name, value)
+    if kind in _TENSOR_TYPES or is_tensor(value):
+        return _stage_tensor(name, value)
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise OtelTrainError(
+            f"{name} takes a number or a 0-dim tensor, got {kind.__name__} {value!r:.40}; "
+            "record the numeric value (e.g. float(x) or loss.detach())"
+        )
+    if isinstance(value, int):
+        return _int_to_float(name, value)
+    if getattr(value, "shape", ()) not in ((), (1,)) and hasattr(value, "size"):
+        raise OtelTrainError(
+            f"{name} got an array of shape {tuple(value.shape)}; record one value "
+            "(e.g. array.mean()), or use tel.record_by_group for per-sample values"
+        )
+    try:
+        number = float(value)  # numpy scalars, 0-d arrays, Decimal, Fraction
+    except (TypeError, ValueError, OverflowError) as error:
+        raise OtelTrainError(
+            f"{name} takes a number or a 0-dim tensor, got {kind.__name__}: {error}"
+        ) from None
+    return number
+
+
+def _int_to_float(name: str, value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise OtelTrainError(
+            f"{name} got an int too large for a float ({len(str(value))} digits); "
+            "record a per-step amount, not an accumulated or corrupted one"
+        ) from None
+
+
+def _stage_tensor(name: str, tensor: Any) -> Any:
+    if tensor.numel() != 1 or tensor.is_meta or tensor.is_complex():
+        _reject_tensor(name, tensor)
+    if tensor.ndim:
+        tensor = tensor.reshape(())  # 0-dim from here on: folds stack without reshaping
+    if tensor.requires_grad:
+        return tensor.detach()  # keep no autograd graph alive until the sampled step
+    return tensor
+
+
+def _reject_tensor(name: str, tensor: Any) -> None:
+    if tensor.numel() != 1:
+        raise OtelTrainError(
+            f"{name} got a tensor of shape {tuple(tensor.shape)}; record a 0-dim tensor "
+            "(e.g. loss.detach() or tensor.sum()), not a batch of values "
+            "(per-sample values with group labels: tel.record_by_group)"
+        )
+    device_type = getattr(tensor.device, "type", "")
+    if device_type == "meta":
+        raise OtelTrainError(
+            f"{name} got a meta-device tensor, which holds no value; record a tensor on a real "
+            "device (cpu, cuda, ...)"
+        )
+    raise OtelTrainError(f"{name} got a complex tensor; record a real value (e.g. x.abs())")
+
+
+# -- slots: the pending state of one instrument for one attribute set ----------------------
+class SumSlot:
+    """Counter / up-down counter: host amounts add at once, tensors are kept for later."""
+
+    __slots__ = ("host", "parts")
+
+    def __init__(self) -> None:
+        self.host = 0.0
+        self.parts: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        if type(value) is float:
+            self.host += value
+            return
+        parts = self.parts
+        parts.append(value)
+        if len(parts) >= FOLD_AT:
+            self.parts = [_stack(parts).sum()]
+
+    def pending(self) -> bool:
+        return bool(self.parts) or self.host != 0.0
+
+    def tensors(self) -> list[Any]:
+        return self.parts
+
+    def take(self, values: Sequence[float]) -> list[float]:
+        """The amounts of the interval: the host sum and each resolved tensor part."""
+        amounts = [self.host] if self.host != 0.0 else []
+        amounts.extend(values)
+        self.host, self.parts = 0.0, []
+        return amounts
+
+
+class LastSlot:
+    """Gauge: the last value recorded wins (a reference, resolved at the sampled step)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def add(self, value: Any) -> None:
+        self.value = value
+
+    def pending(self) -> bool:
+        return self.value is not None
+
+    def tensors(self) -> list[Any]:
+        value = self.value
+        return [value] if value is not None and type(value) is not float else []
+
+    def take(self, values: Sequence[float]) -> float | None:
+        value = self.value
+        self.value = None
         if value is None:
-            continue
-        if is_tensor(value):
-            if value.numel() != 1:
-                gauges[name] = None  # drop the bad value so later steps still export
-                _reject_shape(name, value)
-            by_device.setdefault(value.device, []).append(("gauge", name, value))
-        else:
-            result.gauges[name] = _to_float(name, value)
-    for counter in counters:
-        if counter.host_total:
-            result.counter_increments[counter.name] = float(counter.host_total)
-        for part in counter.device_parts:
-            if part.numel() != 1:
-                counter.device_parts = []
-                _reject_shape(counter.name, part)
-        if counter.device_parts:
-            device = counter.device_parts[0].device
-            by_device.setdefault(device, []).append(("counter", counter.name, counter.device_parts))
-    for device, items in by_device.items():
-        values = _transfer_once(device, items)
-        for (kind, name, _), value in zip(items, values, strict=True):
-            if kind == "gauge":
-                result.gauges[name] = value
-            else:
-                result.counter_increments[name] = result.counter_increments.get(name, 0.0) + value
-    for name in gauges:
-        gauges[name] = None
-    for counter in counters:
-        counter.host_total = 0
-        counter.device_parts = []
+            return None
+        return values[0] if values else float(value)
+
+
+class MeanSlot:
+    """Interval mean, max and last value of every recorded value (the standard loss)."""
+
+    __slots__ = ("count", "folded", "host_max", "host_sum", "last_host", "parts")
+
+    def __init__(self) -> None:
+        self.host_sum = 0.0
+        self.host_max = -math.inf
+        self.last_host: float | None = None  # set when the most recent value was a number
+        self.parts: list[Any] = []
+        self.folded: list[tuple[Any, Any, int]] = []  # (sum, max, n) on the device
+        self.count = 0
+
+    def add(self, value: Any) -> None:
+        self.count += 1
+        if type(value) is float:
+            self.host_sum += value
+            if not value <= self.host_max and self.host_max == self.host_max:
+                self.host_max = value  # also taken when value is NaN: then it stays NaN
+            self.last_host = value
+            return
+        self.last_host = None
+        parts = self.parts
+        parts.append(value)
+        if len(parts) >= FOLD_AT:
+            stacked = _stack(parts[:-1])
+            self.folded.append((stacked.sum(), stacked.max(), len(parts) - 1))
+            self.parts = parts[-1:]  # the last value stays itself: final/train_loss needs it
+
+    def pending(self) -> bool:
+        return self.count > 0
+
+    def tensors(self) -> list[Any]:
+        out: list[Any] = []
+        for total, maximum, _ in self.folded:
+            out.append(total)
+            out.append(maximum)
+        out.extend(self.parts)
+        return out
+
+    def peek(self, values: Sequence[float]) -> tuple[float, int]:
+        """(sum, count) of what is pending, leaving it pending (epoch ends)."""
+        folded = len(self.folded)
+        sums = [self.host_sum, *values[0 : 2 * folded : 2], *values[2 * folded :]]
+        return _safe_sum(sums), self.count
+
+    def take(self, values: Sequence[float]) -> tuple[float, float, float, int] | None:
+        """(mean, max, last, count) of the interval, or None when nothing was recorded."""
+        if self.count == 0:
+            return None
+        folded = len(self.folded)
+        total, count = self.peek(values)
+        maxima = [self.host_max, *values[1 : 2 * folded : 2], *values[2 * folded :]]
+        last = self.last_host if self.last_host is not None else values[-1]
+        self.host_sum, self.host_max = 0.0, -math.inf
+        self.last_host, self.parts, self.folded, self.count = None, [], [], 0
+        return total / count, _nanmax(maxima), last, count
+
+
+class HistogramSlot:
+    """Every value of the interval, kept until the sampled step records them all."""
+
+    __slots__ = ("host", "parts", "size")
+
+    def __init__(self) -> None:
+        self.host: list[float] = []
+        self.parts: list[Any] = []
+        self.size = 0
+
+    def add(self, value: Any) -> None:
+        if type(value) is float:
+            self.host.append(value)
+            return
+        parts = self.parts
+        parts.append(value)
+        if len(parts) >= FOLD_HISTOGRAM_AT:
+            self.parts = [_cat(parts)]
+
+    def pending(self) -> bool:
+        return bool(self.host) or bool(self.parts)
+
+    def tensors(self) -> list[Any]:
+        return self.parts
+
+    def take(self, values: Sequence[float]) -> list[float]:
+        recorded = [*self.host, *values]
+        self.host, self.parts = [], []
+        return recorded
+
+
+def _safe_sum(values: Iterable[float]) -> float:
+    try:
+        return math.fsum(values)
+    except ValueError:  # inf + -inf
+        return math.nan
+
+
+def _nanmax(values: Iterable[float]) -> float:
+    result = -math.inf
+    for value in values:
+        if value != value:  # NaN: the interval's maximum is unknown, say so
+            return math.nan
+        if value > result:
+            result = value
     return result
 
 
-def _transfer_once(device: Any, items: list[tuple[str, str, Any]]) -> list[float]:
+def _stack(parts: list[Any]) -> Any:
     import torch
 
-    dtype = _wide_dtype(torch, device)
-    column = []
-    for kind, _, value in items:
-        if kind == "gauge":
-            column.append(value.detach().reshape(()).to(dtype))
-        else:
-            column.append(torch.stack([p.detach().reshape(()).to(dtype) for p in value]).sum())
-    packed: list[float] = torch.stack(column).tolist()  # the one device->host transfer
-    return packed
+    return torch.stack(parts)  # staged tensors are 0-dim (or folded 0-dim sums)
 
 
-def _reject_shape(name: str, tensor: Any) -> None:
-    raise OtelTrainError(
-        f"{name} got a tensor of shape {tuple(tensor.shape)}; record a 0-dim tensor "
-        "(e.g. loss.detach() or tensor.sum()), not a batch of values"
-    )
+def _cat(parts: list[Any]) -> Any:
+    import torch
+
+    return torch.cat([p.reshape(-1) for p in parts])
 
 
-def _to_float(name: str, value: object) -> float:
-    try:
-        return float(value)  # type: ignore[arg-type,unused-ignore]
-    except (TypeError, ValueError) as error:
-        raise OtelTrainError(
-            f"{name} takes a number or a 0-dim tensor, got {type(value).__name__}"
-        ) from error
+# -- the one transfer per device -----------------------------------------------------------
+def transfer(requests: list[list[Any]]) -> list[list[float]]:
+    """Host values for each request (a list of tensors), one device->host copy per device.
+
+    Every tensor is flattened and widened to float64 (float32 on MPS, which has no float64)
+    on its own device, concatenated per device, and copied with one `tolist()`.
+    """
+    results: list[list[float]] = [[] for _ in requests]
+    by_device: dict[Any, list[tuple[int, Any]]] = {}
+    for index, tensors in enumerate(requests):
+        for tensor in tensors:
+            by_device.setdefault(tensor.device, []).append((index, tensor))
+    if not by_device:
+        return results
+    import torch
+
+    for device, items in by_device.items():
+        dtype = torch.float32 if getattr(device, "type", "") == "mps" else torch.float64
+        flat = [tensor.detach().reshape(-1).to(dtype) for _, tensor in items]
+        host: list[float] = torch.cat(flat).tolist()  # the one device->host transfer
+        position = 0
+        for (index, _), piece in zip(items, flat, strict=True):
+            size = piece.numel()
+            results[index].extend(host[position : position + size])
+            position += size
+    return results
 
 
 def safe_exp(value: float) -> float:

@@ -1,37 +1,39 @@
 """`Telemetry`: the one object a training loop talks to. `step(n)` is the only clock.
 
-Non-sampled steps cost a compare and a clock read. Sampled steps resolve staged values (one
-device->host transfer per device), record them into OTel instruments, derive rates, and hand
-the due groups to the step-sampled reader, whose exporters run on their own threads.
+Non-sampled steps cost a compare and a clock read. Sampled steps resolve the due groups'
+staged values (one device->host transfer per device), record them into the SDK instruments,
+derive rates, and hand the due groups to the step-sampled reader, whose exporters run on
+their own threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation, _Gauge
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 
+from otel_train import signals
+from otel_train.catalog import BY_NAME, CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError, StepOrderError
+from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
-from otel_train.nonfinite import NonFiniteValue
 from otel_train.rates import RateTracker, ThroughputSettings
-from otel_train.reader import StepSampledReader
+from otel_train.reader import Freshness, StepSampledReader
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
 from otel_train.sampling import GroupIndex
-from otel_train.staging import Resolved, resolve, safe_exp
+from otel_train.staged_meter import RecordSink, StagedMeterProvider, StagingRegistry
+from otel_train.staging import safe_exp, transfer
+from otel_train.summaries import RunSummaries
 
-_logger = logging.getLogger("otel_train")
+_logger = logging.getLogger(__name__)
 
-# Groups whose instruments are fed from staged values: only these force a resolution.
-_STAGED_GROUPS = frozenset({"train", "perf"})
 # Step durations wait for the next perf-sampled step, where they go into the histogram (each
 # SDK record costs microseconds: that work belongs to sampled steps). Past this many (perf
 # interval longer than this, or perf made an event group) they are recorded in one go.
@@ -44,7 +46,7 @@ class Telemetry:
     def __init__(
         self,
         *,
-        provider: MeterProvider,
+        provider: SdkMeterProvider,
         reader: StepSampledReader,
         groups: GroupIndex,
         context: RunContext,
@@ -53,6 +55,8 @@ class Telemetry:
         shutdown_timeout_millis: float,
         resume_step: int = 0,
         reducer: CrossRankReducer | None = None,
+        max_attribute_sets: int = 200,
+        perplexity: bool | None = None,
     ) -> None:
         self.provider = provider
         self.reader = reader
@@ -60,40 +64,46 @@ class Telemetry:
         self._groups = groups
         self._clock = clock
         self._shutdown_timeout_millis = shutdown_timeout_millis
-        self._meter = provider.get_meter("otel_train")
-        self.training = TrainingInstruments(self._meter)
-        self._event_gauges: dict[str, _Gauge] = {}
+        self._registry = StagingRegistry(
+            provider.get_meter("otel_train"),
+            group_of=groups.group_of,
+            declared=_declared_instruments(),
+            max_attribute_sets=max_attribute_sets,
+        )
+        self._meter_provider = StagedMeterProvider(self._registry, provider)
+        self._meter = self._meter_provider.get_meter("otel_train")
+        if perplexity is None:  # exp(loss) means something only for a token cross-entropy
+            perplexity = context.stage in CROSS_ENTROPY_STAGES
+        self.training = TrainingInstruments(self._meter, self._registry, perplexity=perplexity)
         self._lock = threading.RLock()  # sampled steps vs. evaluate() from another thread
+        self._busy_thread: int | None = None  # who holds the lock (signal deferral)
         self._pid = os.getpid()
         self._closed = False
-        self._start_time = clock()
-        self._start_wall = time.time()
+        start = clock()
         self._last_step = resume_step
-        self._resumed = resume_step > 0
         self._last_step_time: float | None = None
         self._step_durations: list[float] = []
         self._next_due = groups.next_due_step(resume_step)
-        self._tokens_total = 0.0
-        self._samples_total = 0.0
         self._last_exported_step = resume_step
-        self._rates = RateTracker(throughput, start_time=self._start_time, start_step=resume_step)
-        self._best_eval_loss = math.inf
-        self._best_perplexity = math.inf
-        self._last_loss: float | None = None
-        self._epoch_start = (self._start_time, resume_step, 0.0, 0.0)
-        # A running sum, not a list: a run that never ends an epoch must not grow per step.
-        self._epoch_loss_sum = 0.0
-        self._epoch_loss_count = 0
-        self._epochs_ended = 0
-        self._warned_negative = False
+        self._rates = RateTracker(throughput, start_time=start, start_step=resume_step)
+        self.summaries = RunSummaries(
+            start_time=start, start_step=resume_step, perplexity=perplexity
+        )
         self._reducer = reducer  # reduce_across_ranks=True: one all_reduce per sampled step
+        self._counters = [self.training.standard[n] for n in ("train.tokens", "train.samples")]
+        self._generation_tokens_total = 0.0  # train.generation_tokens: PPO / GRPO rollouts
         self._register_health_instruments()
 
     # -- public surface -------------------------------------------------------------------
     @property
     def meter(self) -> Meter:
-        """A plain OTel Meter: instruments made here follow the matching SamplingView."""
+        """An OTel Meter whose synchronous instruments are step-staged (tensors welcome)."""
         return self._meter
+
+    @property
+    def meter_provider(self) -> MeterProvider:
+        """For library code: `opentelemetry.metrics.set_meter_provider(tel.meter_provider)`."""
+        return self._meter_provider
 
     @property
     def last_step(self) -> int:
@@ -104,6 +114,30 @@ class Telemetry:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+    def record(self, values: Mapping[str, Any] | None = None, /, **standard: Any) -> None:
+        """Shortcut onto the standard instruments and any named one; see TrainingInstruments."""
+        self.training.record(values, **standard)
+
+    def record_by_group(
+        self,
+        name: str,
+        values: Any,
+        groups: Any,
+        names: Sequence[str],
+        *,
+        attribute: str = "dataset",
+    ) -> None:
+        """Per-group interval means (`<name>{dataset=...}`) from per-sample `values` and
+        their group indices into `names`, summed on the device: no sync, no Python loop."""
+        instrument = grouped_instrument(self._registry, name, attribute)
+        instrument.stage(values, groups, check_names(names))
+
+    def sampled_callback(
+        self, group: str, callback: Callable[[CallbackOptions], Iterable[Observation]]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """Wrap an observable callback so it only runs on steps where `group` is exported."""
+        return self.reader.sampled_callback(group, callback)
 
     def step(self, step: int) -> None:
         """Advance the clock to `step` (the optimizer step just finished). Hot path."""
@@ -129,64 +163,59 @@ class Telemetry:
 
     def resume_from(self, step: int) -> None:
         """Continue the step axis from `step` (the last step a restored checkpoint finished)."""
-        with self._lock:
+        with self._busy():
             self._last_step = step
-            self._resumed = True
             self._last_step_time = None
             self._step_durations.clear()
             self._next_due = self._groups.next_due_step(step)
+            summaries = self.summaries
             self._rates.rebase(
                 time=self._clock(),
                 step=step,
-                tokens=self._tokens_total,
-                samples=self._samples_total,
+                tokens=summaries.tokens_total,
+                samples=summaries.samples_total,
+                generation_tokens=self._generation_tokens_total,
             )
 
     def evaluate(self, loss: Any = None, *, metrics: Mapping[str, Any] | None = None) -> None:
-        """Export `eval.loss`, `eval.perplexity`, `eval.best_perplexity` (+ `eval.<name>` for
-        each extra metric) now, on the current step. Values may be tensors (synced once)."""
+        """Export `eval.loss` (+ `eval.perplexity`, `eval.best_perplexity` for cross-entropy
+        stages, + `eval.<name>` per extra metric) now, on the current step. Tensors are fine
+        (synced once: it is an event)."""
         if self._closed_or_forked():
             return
-        with self._lock:
+        with self._busy():
             staged = {f"eval.{name}": value for name, value in (metrics or {}).items()}
             if loss is not None:
                 staged["eval.loss"] = loss
-            values = resolve(staged, ()).gauges
-            if "eval.loss" in values:
-                eval_loss = values["eval.loss"]
-                perplexity = safe_exp(eval_loss)
-                values["eval.perplexity"] = perplexity
-                if math.isfinite(eval_loss):
-                    self._best_eval_loss = min(self._best_eval_loss, eval_loss)
-                    self._best_perplexity = min(self._best_perplexity, perplexity)
-                if math.isfinite(self._best_perplexity):
-                    values["eval.best_perplexity"] = self._best_perplexity
-            self._export_event("eval", values)
+            for name, value in staged.items():
+                self._registry.instrument_for(name).put(value)
+            resolved = self._registry.take({"eval"})
+            values = {
+                inst.staged_name: value
+                for inst, key, value in resolved
+                if key is None and isinstance(value, float)
+            }
+            sink = self._apply(resolved)
+            derived = self.summaries.eval_values(dict(values))
+            self._set_values(derived, sink, skip=values)
+            self._export_event("eval", sink)
+        self._deliver_deferred_signal()
 
     def end_epoch(self, epoch: int | float | None = None) -> None:
-        """Export `epoch.*` summaries of the epoch that just ended (one sync, it is an event)."""
+        """Export `epoch.*` summaries of the epoch that just ended (one sync: an event)."""
         if self._closed_or_forked():
             return
-        with self._lock:
-            self._resolve_and_record()
-            now = self._clock()
-            start_time, start_step, start_tokens, start_samples = self._epoch_start
-            duration = max(now - start_time, 0.0)
-            self._epochs_ended += 1
-            values = {
-                "epoch.number": float(epoch if epoch is not None else self._epochs_ended),
-                "epoch.steps": float(self._last_step - start_step),
-                "epoch.tokens": self._tokens_total - start_tokens,
-                "epoch.samples": self._samples_total - start_samples,
-                "epoch.duration": duration,
-            }
-            if duration > 0:
-                values["epoch.tokens_per_second"] = values["epoch.tokens"] / duration
-            if self._epoch_loss_count:
-                values["epoch.train_loss_mean"] = self._epoch_loss_sum / self._epoch_loss_count
-            self._epoch_start = (now, self._last_step, self._tokens_total, self._samples_total)
-            self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
-            self._export_event("epoch", values)
+        with self._busy():
+            sink = self._apply(self._take_instruments(self._counters))
+            self._add_counts(sink)
+            loss_slot = self.training.standard["train.loss"].plain_slot()
+            pending = loss_slot.peek(transfer([loss_slot.tensors()])[0])
+            values = self.summaries.epoch_values(
+                epoch, now=self._clock(), step=self._last_step, pending_loss=pending
+            )
+            self._set_values(values, sink)
+            self._export_event("epoch", sink)
+        self._deliver_deferred_signal()
 
     def flush(self, timeout_millis: float = 10_000) -> bool:
         """Wait until everything exported so far has reached every exporter."""
@@ -204,8 +233,9 @@ class Telemetry:
         }
 
     def shutdown(self, timeout_millis: float | None = None) -> None:
-        """Export what is pending and `final.*`, flush every exporter, stop. Bounded in time."""
-        with self._lock:
+        """Export what is pending (every value recorded since the last sampled step) and
+        `final.*`, flush every exporter, stop. Bounded in time."""
+        with self._busy():
             if self._closed:
                 return
             self._closed = True
@@ -213,10 +243,14 @@ class Telemetry:
                 return  # a forked child owns none of the exporters
             budget = self._shutdown_timeout_millis if timeout_millis is None else timeout_millis
             try:
-                if self._last_step > self._last_exported_step:
-                    periodic = frozenset(self._groups.periodic_groups())
+                periodic = frozenset(self._groups.periodic_groups())
+                if self._last_step > self._last_exported_step or self._registry.pending_in(
+                    periodic
+                ):
                     self._export_groups(periodic, self._last_step, self._clock())
-                self._export_event("final", self._final_values())
+                sink = RecordSink(self.reader.nonfinite)
+                self._set_values(self._final_values(), sink)
+                self._export_event("final", sink)
             except OtelTrainError as error:
                 _logger.error("otel-train: could not export the last values at shutdown: %s", error)
             self.reader.shutdown(timeout_millis=budget)
@@ -227,59 +261,93 @@ class Telemetry:
 
     # -- sampled steps --------------------------------------------------------------------
     def _sampled_step(self, previous: int, step: int, now: float) -> None:
-        with self._lock:
+        with self._busy():
             if self._closed_or_forked():
                 return
             due = self._groups.groups_due(previous, step)
             self._next_due = self._groups.next_due_step(step)
             if due:
                 self._export_groups(due, step, now, across_ranks=True)
+        self._deliver_deferred_signal()
 
     def _export_groups(
         self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
     ) -> None:
-        if due & _STAGED_GROUPS:
-            self._resolve_and_record(across_ranks=across_ranks)
-        self.training.global_step.set(step)
-        if "perf" in due:
-            self._flush_step_durations()
-            rates = self._rates.derive(
-                step=step, now=now, tokens=self._tokens_total, samples=self._samples_total
-            )
-            for name, value in rates.items():
-                self._gauge(name).set(value)
-        self._last_exported_step = step
-        self.reader.export_groups(due)
-
-    def _resolve_and_record(self, *, across_ranks: bool = False) -> None:
-        training = self.training
-        resolved: Resolved = resolve(
-            training.staged_gauges, (training.staged_tokens, training.staged_samples)
-        )
+        resolved = self._registry.take(due)  # one device->host transfer per device
+        if "perf" in due and "train" not in due:
+            # Rates need this interval's tokens and samples; cumulative counters lose nothing
+            # by being resolved early (they are exported with the train group).
+            resolved += self._take_instruments(self._rate_counters())
         # Only on step-sampled exports, which every rank reaches: never at shutdown or in an
         # event, where a peer may already be gone and a collective would hang.
         if across_ranks and self._reducer is not None:
-            resolved = self._reducer.reduce(resolved)
-        gauges = resolved.gauges
-        if "train.loss" in gauges:
-            gauges["train.perplexity"] = safe_exp(gauges["train.loss"])
-            if math.isfinite(gauges["train.loss"]):
-                self._last_loss = gauges["train.loss"]
-                self._epoch_loss_sum += gauges["train.loss"]
-                self._epoch_loss_count += 1
-        nonfinite = self._set_gauges(gauges)
-        for name, increment in resolved.counter_increments.items():
-            if not math.isfinite(increment) or increment < 0:
-                self._warn_bad_increment(name, increment)
-                continue
-            counter = training.tokens if name == "train.tokens" else training.samples
-            counter.add(increment)
-            if name == "train.tokens":
-                self._tokens_total += increment
-            else:
-                self._samples_total += increment
-        if nonfinite:
-            training.nonfinite.add(nonfinite)
+            resolved = self._reducer.reduce_taken(resolved)
+        sink = self._apply(resolved)
+        self._add_counts(sink)
+        loss = next(
+            (v for inst, key, v in resolved if key is None and inst.staged_name == "train.loss"),
+            None,
+        )
+        if loss is not None:
+            mean, _maximum, last, count = loss
+            self.summaries.add_losses(mean, last, count)
+            if self.summaries.perplexity:
+                self._set_values({"train.perplexity": safe_exp(mean)}, sink)
+        if "perf" in due:
+            self._flush_step_durations()
+            summaries = self.summaries
+            rates = self._rates.derive(
+                step=step,
+                now=now,
+                tokens=summaries.tokens_total,
+                samples=summaries.samples_total,
+                generation_tokens=self._generation_tokens_total,
+                ranks=self._reducer.ranks_in_values if self._reducer is not None else 1,
+            )
+            self._set_values(rates, sink)
+        if sink.nonfinite:
+            self.training.nonfinite.add(sink.nonfinite)
+        self.training.global_step.set(step)
+        self._last_exported_step = step
+        self.reader.export_groups(due, Freshness(self._registry.gauge_names, sink.fresh))
+
+    def _take_instruments(self, instruments: Sequence[Any]) -> list[tuple[Any, Any, Any]]:
+        slots = [(i, k, s) for i in instruments for k, s in i.slots.items() if s.pending()]
+        values = transfer([slot.tensors() for _, _, slot in slots])
+        return [(i, k, s.take(v)) for (i, k, s), v in zip(slots, values, strict=True)]
+
+    def _apply(self, resolved: list[tuple[Any, Any, Any]]) -> RecordSink:
+        sink = RecordSink(self.reader.nonfinite)
+        for instrument, key, value in resolved:
+            instrument.apply(key, value, sink)
+        return sink
+
+    def _add_counts(self, sink: RecordSink) -> None:
+        increments = sink.increments
+        self.summaries.add_counts(increments.get("train.tokens"), increments.get("train.samples"))
+        self._generation_tokens_total += increments.get("train.generation_tokens", 0.0)
+
+    def _rate_counters(self) -> list[Any]:
+        """The counters rates need: tokens, samples and, once it exists, generation tokens."""
+        generation = self._registry.instruments.get("train.generation_tokens")
+        return self._counters if generation is None else [*self._counters, generation]
+
+    def _final_values(self) -> dict[str, float]:
+        """`final.*`; token and sample totals from the rate tracker: derived from the
+        effective batch when the loop recorded none, left out (not 0) when unknown."""
+        values = self.summaries.final_values(self._last_step)
+        values.pop("final.total_tokens", None)
+        values.pop("final.total_samples", None)
+        totals = self._rates.totals(
+            step=self._last_step,
+            tokens=self.summaries.tokens_total,
+            samples=self.summaries.samples_total,
+        )
+        if totals.tokens is not None:
+            values["final.total_tokens"] = totals.tokens
+        if totals.samples is not None:
+            values["final.total_samples"] = totals.samples
+        return values
 
     def _flush_step_durations(self) -> None:
         durations, self._step_durations = self._step_durations, []
@@ -287,50 +355,54 @@ class Telemetry:
         for duration in durations:
             record(duration)
 
-    def _export_event(self, group: str, values: Mapping[str, float]) -> None:
-        self._set_gauges(values)
-        self.training.global_step.set(self._last_step)
-        self.reader.export_groups(frozenset({group}))
-
-    def _set_gauges(self, values: Mapping[str, float]) -> int:
-        """Finite values go to the SDK; non-finite ones to the board every reader patches
-        from (the SDK would drop them and keep showing the previous value). Returns how
-        many were non-finite."""
-        board = self.reader.nonfinite
-        nonfinite = 0
+    def _set_values(
+        self, values: Mapping[str, float], sink: RecordSink, *, skip: Iterable[str] = ()
+    ) -> None:
+        """Derived and event values straight into their SDK gauges (non-finite: the board)."""
+        skipped = set(skip)
         for name, value in values.items():
-            if math.isfinite(value):
-                self._gauge(name).set(value)
-                board.clear(name)
-            else:
-                board.mark(self._nonfinite_value(name, value))
-                nonfinite += 1
-        return nonfinite
+            if name not in skipped:
+                instrument = self._registry.instrument_for(name)
+                sink.set_gauge(instrument.sdk, name, None, value)
 
-    def _final_values(self) -> dict[str, float]:
-        values = {
-            "final.total_steps": float(self._last_step),
-            "final.total_tokens": self._tokens_total,
-            "final.total_samples": self._samples_total,
-            "final.wall_time": time.time() - self._start_wall,
-        }
-        if math.isfinite(self._best_perplexity):
-            values["final.best_perplexity"] = self._best_perplexity
-            values["final.best_eval_loss"] = self._best_eval_loss
-        if self._last_loss is not None:
-            values["final.train_loss"] = self._last_loss
-        return values
+    def _export_event(self, group: str, sink: RecordSink) -> None:
+        if sink.nonfinite:
+            self.training.nonfinite.add(sink.nonfinite)
+        self.training.global_step.set(self._last_step)
+        self.reader.export_groups(
+            frozenset({group}), Freshness(self._registry.gauge_names, sink.fresh)
+        )
 
     # -- helpers --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Hold the lock and say so: a signal arriving meanwhile on this thread is deferred
+        until the lock is released (its flush would otherwise wait for this very lock)."""
+        with self._lock:
+            outer = self._busy_thread
+            self._busy_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._busy_thread = outer
+
+    def busy_on_this_thread(self) -> bool:
+        return self._busy_thread == threading.get_ident()
+
+    def _deliver_deferred_signal(self) -> None:
+        if signals.has_deferred() and self._busy_thread is None:
+            signals.deliver_deferred()
+
     def _register_health_instruments(self) -> None:
         """Exporter drops and failures as counters: visible where the other metrics are."""
 
         def observe(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
+                # Every exporter, 0 included: a counter that only appears at the first
+                # failure leaves "failures so far" panels without data.
                 return [
                     Observation(getattr(worker, attribute), {"exporter": worker.name})
                     for worker in self.reader.exporters
-                    if getattr(worker, attribute)
                 ]
 
             return self.reader.sampled_callback("health", callback)
@@ -348,40 +420,11 @@ class Telemetry:
             description="Batches an exporter failed to deliver",
         )
 
-    def _gauge(self, name: str) -> _Gauge:
-        """Standard gauges by name; event/extra gauges created once on first use."""
-        gauge = self._event_gauges.get(name)
-        if gauge is None:
-            gauge = _STANDARD_GAUGES.get(name, lambda t: None)(self.training)
-            if gauge is None:
-                unit = "s" if name.endswith(("_time", ".duration", ".wall_time")) else ""
-                gauge = self._meter.create_gauge(name, unit=unit, description=_describe(name))
-            self._event_gauges[name] = gauge
-        return gauge
-
-    def _nonfinite_value(self, name: str, value: float) -> NonFiniteValue:
-        gauge = self._gauge(name)
-        return NonFiniteValue(
-            instrument_name=name,
-            description=getattr(gauge, "description", "") or _describe(name),
-            unit=getattr(gauge, "unit", "") or "",
-            value=value,
-        )
-
-    def _warn_bad_increment(self, name: str, increment: float) -> None:
-        if not self._warned_negative:
-            self._warned_negative = True
-            _logger.error(
-                "otel-train: %s got an increment of %s from a tensor; counters take per-step "
-                "amounts >= 0. The value was dropped (later ones are dropped silently).",
-                name,
-                increment,
-            )
-
     def _disable_in_forked_child(self) -> None:
         """Called in a forked child (os.register_at_fork): export nothing, take no lock the
         parent's threads may have held at the fork."""
         self._lock = threading.RLock()
+        self._busy_thread = None
         self._closed = True
         self.training.enabled = False
 
@@ -396,6 +439,17 @@ class Telemetry:
         return False
 
 
+def _declared_instruments() -> dict[str, Any]:
+    """The catalog plus the stage instrument sets (DPO, PPO, GRPO...), where present."""
+    declared: dict[str, Any] = dict(BY_NAME)
+    try:
+        from otel_train.stage_metrics import STAGE_INSTRUMENTS
+    except ImportError:
+        return declared
+    declared.update({spec.name: spec for spec in STAGE_INSTRUMENTS})
+    return declared
+
+
 def _coerce_step(step: Any) -> int:
     if isinstance(step, bool):
         raise OtelTrainError(f"step() takes an int step number, got {step!r}")
@@ -408,42 +462,3 @@ def _coerce_step(step: Any) -> int:
             f"step() takes an int step number, got {type(step).__name__}; pass the optimizer "
             "step as a Python int (a tensor here would force a device sync)"
         ) from None
-
-
-_STANDARD_GAUGES: dict[str, Callable[[TrainingInstruments], _Gauge]] = {
-    "train.loss": lambda t: t.loss,
-    "train.learning_rate": lambda t: t.learning_rate,
-    "train.grad_norm": lambda t: t.grad_norm,
-    "train.epoch": lambda t: t.epoch,
-    "train.perplexity": lambda t: t.perplexity,
-    "perf.tokens_per_second": lambda t: t.tokens_per_second,
-    "perf.samples_per_second": lambda t: t.samples_per_second,
-    "perf.steps_per_second": lambda t: t.steps_per_second,
-    "perf.eta": lambda t: t.eta,
-    "perf.flops_per_second": lambda t: t.flops_per_second,
-    "perf.mfu": lambda t: t.mfu,
-}
-
-_DESCRIPTIONS = {
-    "eval.loss": "Evaluation loss",
-    "eval.perplexity": "exp(evaluation loss)",
-    "eval.best_perplexity": "Lowest evaluation perplexity so far",
-    "epoch.number": "Epoch that just ended",
-    "epoch.steps": "Optimizer steps in the epoch",
-    "epoch.tokens": "Tokens in the epoch",
-    "epoch.samples": "Samples in the epoch",
-    "epoch.duration": "Wall time of the epoch",
-    "epoch.tokens_per_second": "Mean tokens per second over the epoch",
-    "epoch.train_loss_mean": "Mean of the sampled training losses of the epoch",
-    "final.total_steps": "Steps at the end of the run",
-    "final.total_tokens": "Tokens over the run",
-    "final.total_samples": "Samples over the run",
-    "final.wall_time": "Wall time from setup to shutdown",
-    "final.best_perplexity": "Lowest evaluation perplexity of the run",
-    "final.best_eval_loss": "Lowest evaluation loss of the run",
-    "final.train_loss": "Last finite sampled training loss",
-}
-
-
-def _describe(name: str) -> str:
-    return _DESCRIPTIONS.get(name) or f"{name} (recorded by otel-train)"

@@ -1,11 +1,8 @@
 """What MFU needs, computed once at setup: effective batch size, FLOPs per token, peak FLOP/s.
 
-FLOPs per token follow the PaLM convention (Chowdhery et al. 2022, "PaLM: Scaling Language
-Modeling with Pathways", appendix B): 6N + 12*L*H*T, where N is the number of trainable
-parameters, L the layers, H the hidden size (heads x head dim) and T the sequence length.
-6N is forward + backward matmuls (2N + 4N); 12LHT the attention score and value matmuls,
-not halved for causal masking, and no activation recomputation (that would be HFU, not MFU).
-It equals Megatron-LM's count (Narayanan et al. 2021, eq. 3) without recomputation.
+FLOPs per token are analytic, by stage (`otel_train.model_flops`: 6N + 12*L*H*T per trained
+token, PaLM appendix B, plus a reference forward for DPO and a forward-only generation phase
+for PPO / GRPO); the peak comes from `otel_train.peak_flops`' table or the caller.
 """
 
 from __future__ import annotations
@@ -19,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from otel_train.errors import OtelTrainError
-from otel_train.peak_flops import lookup_peak_flops, warn_unknown_once
+from otel_train.model_flops import STAGE_PASSES, stage_flops_per_token
+from otel_train.model_flops import flops_per_token as flops_per_token  # its former home
+from otel_train.peak_flops import lookup_peak_flops, warn_no_device_once, warn_unknown_once
 from otel_train.ranks import detect_ranks
 from otel_train.rates import ThroughputSettings
 
 _logger = logging.getLogger("otel_train.throughput")
 
 DeepSpeedConfig = Mapping[str, Any] | str | os.PathLike[str]
-
-_LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
-_HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model")
 
 
 def load_deepspeed_config(config: DeepSpeedConfig) -> dict[str, Any]:
@@ -134,76 +130,17 @@ def effective_batch_size(
     return train
 
 
-def count_trainable_parameters(model: Any) -> int:
-    """Trainable parameters, shared (tied) ones once; ZeRO-3 partitions counted in full."""
-    seen: set[int] = set()
-    total = 0
-    for parameter in model.parameters():
-        if not parameter.requires_grad or id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        total += int(getattr(parameter, "ds_numel", 0) or parameter.numel())
-    return total
-
-
-def _first_attr(config: Any, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def flops_per_token(
-    model: Any = None,
-    *,
-    seq_len: int | None = None,
-    n_params: int | None = None,
-    n_layers: int | None = None,
-    hidden_size: int | None = None,
-) -> float:
-    """Training FLOPs per token, 6N + 12*L*H*T (PaLM appendix B; see the module docstring).
-
-    N, L and H come from the arguments or from `model` (its trainable parameters; layers
-    and hidden size from a Hugging Face style `model.config`). Without L, H or T the
-    attention term is left out and a warning says so.
-    """
-    if n_params is None:
-        if model is None:
-            raise OtelTrainError("flops_per_token needs model= or n_params=")
-        n_params = count_trainable_parameters(model)
-    config = getattr(model, "config", None)
-    if config is not None:
-        n_layers = n_layers if n_layers is not None else _first_attr(config, _LAYER_ATTRS)
-        hidden_size = hidden_size if hidden_size is not None else _first_attr(config, _HIDDEN_ATTRS)
-    for name, value in (
-        ("n_params", n_params),
-        ("seq_len", seq_len),
-        ("n_layers", n_layers),
-        ("hidden_size", hidden_size),
-    ):
-        _check_positive(name, value)
-    flops = 6.0 * n_params
-    if n_layers and hidden_size and seq_len:
-        flops += 12.0 * n_layers * hidden_size * seq_len
-    else:
-        _logger.warning(
-            "otel-train: FLOPs per token without the attention term (need seq_len=, and layers "
-            "and hidden size from model.config or n_layers= / hidden_size=); MFU reads low "
-            "for long sequences"
-        )
-    return flops
-
-
 def peak_flops(device_name: str | None = None, dtype: object = "bf16") -> float | None:
     """Dense peak FLOP/s of one device for `dtype`, from `otel_train.peak_flops`' table.
 
-    `device_name` defaults to CUDA's name of the current device. Unknown device or dtype:
-    None, and one warning saying how to set it (MFU is then left out, never guessed).
+    `device_name` defaults to CUDA's name of the current device. No CUDA device, unknown
+    device or dtype: None, and one warning saying how to set it (MFU is then left out,
+    never guessed).
     """
     if device_name is None:
         device_name = _current_cuda_device_name()
         if device_name is None:
+            warn_no_device_once(dtype)
             return None
     value = lookup_peak_flops(device_name, dtype)
     if value is None:
@@ -247,9 +184,18 @@ def resolve_throughput_settings(
     gradient_accumulation_steps: int | None,
     world_size: int,
     dtype: object,
+    stage: str = "train",
 ) -> ThroughputSettings:
-    """setup()'s options -> `ThroughputSettings` (validated once, before the first step)."""
+    """setup()'s options -> `ThroughputSettings` (validated once, before the first step).
+
+    `stage` is setup()'s free-form label: a known one (`STAGE_PASSES`) picks its FLOPs rule,
+    any other counts as plain training.
+    """
     _check_positive("seq_len", seq_len)
+    if flops_per_token_value is not None and not flops_per_token_value > 0:
+        raise OtelTrainError(f"flops_per_token must be > 0, got {flops_per_token_value!r}")
+    rule = stage.lower() if stage.lower() in STAGE_PASSES else "train"
+    passes = STAGE_PASSES[rule]
     per_rank_samples: float | None = None
     if deepspeed_config is not None or batch_size is not None or micro_batch_size is not None:
         total = effective_batch_size(
@@ -261,32 +207,58 @@ def resolve_throughput_settings(
         )
         per_rank_samples = total / world_size
     fpt = flops_per_token_value
-    if fpt is None and model is not None:
-        fpt = flops_per_token(model, seq_len=seq_len)
-    peak: float | None
-    if isinstance(peak_flops_value, str):
-        peak = peak_flops(peak_flops_value, dtype if dtype is not None else "bf16")
-    elif peak_flops_value is not None:
-        if peak_flops_value <= 0:
-            raise OtelTrainError(f"peak_flops must be > 0 FLOP/s, got {peak_flops_value!r}")
-        peak = float(peak_flops_value)
-    else:
-        peak = _env_peak_flops()
-        if peak is None and fpt is not None:
-            if dtype is not None:
-                peak = peak_flops(None, dtype)
-            elif _current_cuda_device_name() is not None:
-                _logger.warning(
-                    "otel-train: perf.mfu omitted: pass setup(dtype='bf16'|'fp16'|'tf32'|'fp8') "
-                    "to look up this GPU's peak FLOP/s, or peak_flops=<FLOP/s>"
-                )
+    generated: float | None = None
+    if model is not None:
+        counted = stage_flops_per_token(model, stage=rule, seq_len=seq_len)
+        fpt = fpt if fpt is not None else counted.trained
+        generated = counted.generated
+    peak = _resolve_peak(peak_flops_value, dtype, wants_mfu=fpt is not None)
+    if fpt is None and (peak_flops_value is not None or dtype is not None):
+        _logger.warning(
+            "otel-train: perf.flops_per_second and perf.mfu omitted: no FLOPs per token. Pass "
+            "setup(model=<the trained module>, seq_len=<tokens per sequence>) or "
+            "flops_per_token=<FLOPs per trained token>."
+        )
+    tokens_per_sample = float(seq_len * passes.sequences_per_sample) if seq_len else None
     return ThroughputSettings(
         total_steps=total_steps,
         flops_per_token=fpt,
+        generation_flops_per_token=generated,
         peak_flops=peak,
         samples_per_step=per_rank_samples,
-        tokens_per_sample=float(seq_len) if seq_len else None,
+        tokens_per_sample=tokens_per_sample,
     )
+
+
+def _resolve_peak(value: float | str | None, dtype: object, *, wants_mfu: bool) -> float | None:
+    """Peak FLOP/s: a number, a device name, OTEL_TRAIN_PEAK_FLOPS, or this GPU x `dtype`."""
+    if isinstance(value, str):
+        return peak_flops(value, dtype if dtype is not None else "bf16")
+    if value is not None:
+        if not value > 0:
+            raise OtelTrainError(f"peak_flops must be > 0 FLOP/s, got {value!r}")
+        return float(value)
+    peak = _env_peak_flops()
+    if peak is not None or not wants_mfu:
+        return peak
+    device = _current_cuda_device_name()
+    if dtype is not None:
+        if device is None:
+            # Once per setup(): the table is for GPUs, and none is visible to this process.
+            _logger.warning(
+                "otel-train: perf.mfu omitted: setup(dtype=%r) looks up the peak FLOP/s of the "
+                "current CUDA device, and this process sees none. Pass setup(peak_flops=<dense "
+                "FLOP/s of this rank's devices>) or set OTEL_TRAIN_PEAK_FLOPS to report MFU.",
+                str(dtype),
+            )
+            return None
+        return peak_flops(device, dtype)
+    if device is not None:
+        _logger.warning(
+            "otel-train: perf.mfu omitted: pass setup(dtype='bf16'|'fp16'|'tf32'|'fp8') "
+            "to look up this GPU's peak FLOP/s, or peak_flops=<FLOP/s>"
+        )
+    return None
 
 
 def _env_peak_flops() -> float | None:

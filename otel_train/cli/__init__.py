@@ -26,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The commands print what the reader skipped themselves (record.warnings), once.
+    logging.getLogger("otel_train.runs").setLevel(logging.ERROR)
     try:
         code: int = args.run_command(args)
     except ImportError as error:

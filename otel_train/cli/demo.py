@@ -151,6 +151,40 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _checked_options(args: argparse.Namespace) -> tuple[list[str], dict[str, int], str, Path]:
+    """Every option is checked before the model is built, the peak measured or a folder made:
+    a typo costs a second, not a minute, and leaves nothing behind."""
+    from otel_train.configure import STANDARD_INSTRUMENTS
+    from otel_train.exporter_loading import check_exporter_names
+    from otel_train.ranks import detect_ranks
+
+    for flag, value in (("--steps", args.steps), ("--eval-every", args.eval_every)):
+        if value <= 0:
+            raise OtelTrainError(f"{flag} must be a positive int, got {value}")
+    names = [n.strip() for n in args.exporters.split(",") if n.strip()]
+    check_exporter_names(names)
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise OtelTrainError(f"--exporters lists {duplicated} twice; list each once")
+    intervals = parse_intervals(args.intervals)
+    unknown = sorted(set(intervals) - {*sampling.DEFAULT_INTERVALS, "health"})
+    if unknown:  # setup() takes any group (for user instruments); the demo records only these
+        raise OtelTrainError(
+            f"--intervals {args.intervals!r}: unknown group(s) {unknown}; the demo's groups are "
+            f"{', '.join([*sampling.DEFAULT_INTERVALS, 'health'])}"
+        )
+    sampling.resolve_views(intervals, STANDARD_INSTRUMENTS)  # unknown group, non-positive value
+    run_name = args.run or time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir = args.output_dir / file_safe_run_name(run_name)
+    existing = run_dir / f"rank{detect_ranks().rank}.jsonl"
+    if "jsonl" in names and existing.is_file() and existing.stat().st_size > 0:
+        raise OtelTrainError(
+            f"{existing} already holds a run named {run_name!r}; pass another --run or "
+            "--output-dir (a demo never appends to an earlier run)"
+        )
+    return names, intervals, run_name, run_dir
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -165,12 +199,8 @@ def run(args: argparse.Namespace) -> int:
     import otel_train
     from otel_train.cli import tiny_gpt
 
-    if args.steps <= 0:
-        raise OtelTrainError(f"--steps must be a positive int, got {args.steps}")
     console = Console()
-    names = [n.strip() for n in args.exporters.split(",") if n.strip()]
-    run_name = args.run or time.strftime("demo-%Y%m%d-%H%M%S")
-    run_dir = args.output_dir / file_safe_run_name(run_name)
+    names, intervals, run_name, run_dir = _checked_options(args)
     notes = _prepare_backends(names, run_dir)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,9 +209,10 @@ def run(args: argparse.Namespace) -> int:
     peak_lr = 3e-3
     console.print(
         f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
-        f"on {device.type}; measuring the device's matmul peak for MFU..."
+        f"on {device.type}; finding the device's matmul peak for MFU..."
     )
-    peak_flops = tiny_gpt.measure_peak_flops_isolated(device)
+    peak_flops, peak_source = tiny_gpt.demo_peak_flops(device)
+    console.print(f"MFU denominator: {peak_flops / 1e9:,.0f} GFLOP/s ({peak_source})")
     latest = LatestValuesExporter()
     train_bytes = len(sampler.train_data)
 
@@ -190,11 +221,13 @@ def run(args: argparse.Namespace) -> int:
         stage=args.stage,
         output_dir=args.output_dir,
         exporters=[*names, latest],
-        intervals=parse_intervals(args.intervals),
+        intervals=intervals,
         total_steps=args.steps,
         config={"model": "tiny-gpt", **asdict(config), "lr": peak_lr, "seed": args.seed},
-        model=model,  # FLOPs per token: 6N + attention term, from the model's config
+        model=model,
         seq_len=config.seq_len,
+        # The demo trains plainly whatever --stage says: 6N + 12LHT, no reference forward.
+        flops_per_token=otel_train.flops_per_token(model, seq_len=config.seq_len),
         peak_flops=peak_flops,
     ) as tel:
         progress = Progress(

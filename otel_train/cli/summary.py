@@ -56,7 +56,10 @@ def _gpu_memory_peak(run: RunRecord) -> float | None:
 
 SUMMARY: tuple[SummaryLine, ...] = (
     SummaryLine(
-        "steps", "steps", lambda run: float(run.rows[-1].step) if run.rows else None, "{:.0f}"
+        "steps",
+        "steps",
+        lambda run: None if run.last_step is None else float(run.last_step),
+        "{:.0f}",
     ),
     SummaryLine("final loss", "final_loss", _final_loss, "{:.4f}"),
     SummaryLine("best loss", "best_loss", _min("train/loss"), "{:.4f}"),
@@ -78,6 +81,8 @@ def summarize(run: RunRecord) -> dict[str, float | None]:
 def format_value(line: SummaryLine, value: float | None) -> str:
     if value is None:
         return "n/a"
+    if line.key == "final_loss" and not math.isfinite(value):
+        return f"{value} (diverged)"  # a NaN final loss is news, never a number to skim past
     if not math.isfinite(value):
         return str(value)
     return line.fmt.format(value)

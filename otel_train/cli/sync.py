@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from otel_train.errors import OtelTrainError
 from otel_train.exporter_loading import _import_ours
 from otel_train.naming import KeyNamer
-from otel_train.runs import RunRecord, read_run
+from otel_train.runs import RunRecord, read_run, require_rows
 
 if TYPE_CHECKING:
     from exporters._wandb_run import StepAxis, WandbRunSpec
@@ -42,7 +42,9 @@ def add_parser(commands: Any) -> None:
         "--mode", choices=("online", "offline"), default=None, help="default: WANDB_MODE"
     )
     parser.add_argument("--dir", type=Path, default=None, help="W&B files (default: RUN_DIR)")
-    parser.add_argument("--rank", type=int, default=0, help="which rank's file (default 0)")
+    parser.add_argument(
+        "--rank", type=int, default=None, help="which rank's file (default rank0.jsonl)"
+    )
     parser.set_defaults(run_command=run)
 
 
@@ -75,8 +77,7 @@ def replay_to_wandb(record: RunRecord, **overrides: Any) -> Any:
     except ImportError as error:
         raise ImportError(f'{error}; sync needs: pip install "otel-train[wandb]"') from error
     shared = _import_ours("exporters._wandb_run")
-    if not record.rows:
-        raise SyncError(f"{record.path}: no rows to sync")
+    require_rows(record)
     spec, axis = replay_spec(record, **overrides)
     try:
         run = shared.open_run(spec, axis, init_timeout_seconds=INIT_TIMEOUT_SECONDS)
@@ -100,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    record = read_run(args.run_dir, rank=args.rank)
+    record = require_rows(read_run(args.run_dir, rank=args.rank))
+    if args.rank is not None and record.rank != args.rank:
+        raise SyncError(
+            f"{record.path} holds rank {record.rank}, not rank {args.rank}; pass "
+            f"--rank {record.rank} or that rank's rank{args.rank}.jsonl"
+        )
     directory = args.dir or record.path.parent
     directory.mkdir(parents=True, exist_ok=True)
     wandb_run = replay_to_wandb(

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 class DeepSpeedRecorder:
-    """Call `after_step(loss=...)` after every `engine.step()` (each micro-batch).
+    """Call `after_step(loss=...)` after every `engine.step()` (each micro-batch): the loss
+    recorded is the mean over the optimizer step's micro-batches.
 
     With an engine, the step is `engine.global_steps` (it moves at accumulation boundaries, so
     `tel.step()` advances once per optimizer step). With only a config, pass `step=`: the
@@ -55,6 +56,11 @@ class DeepSpeedRecorder:
             self.micro_batch_size = self.effective_batch_size // (
                 world * self.gradient_accumulation_steps
             )
+        self._loss_sum: Any = None  # this optimizer step's micro-batch losses, on the device
+        self._loss_count = 0
+        self._last_seen_step = (
+            int(engine.global_steps) if engine is not None else telemetry.last_step
+        )
         meter, reader = telemetry.meter, telemetry.reader
         meter.create_observable_gauge(
             "train.loss_scale",
@@ -69,10 +75,28 @@ class DeepSpeedRecorder:
         )
 
     def after_step(self, *, loss: Any = None, tokens: Any = None, step: int | None = None) -> None:
-        """Stage this micro-batch's values and advance the clock. Never syncs."""
+        """Stage this micro-batch's values and advance the clock. Never syncs.
+
+        The loss is summed on its device over the micro-batches of the optimizer step and
+        recorded once, as their mean, when the step completes (gradient accumulation).
+        """
         engine = self.engine
+        if loss is not None:
+            value = loss.detach().float() if hasattr(loss, "detach") else float(loss)
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_count += 1
         record = self.telemetry.training.record
-        record(loss=loss, tokens=tokens, samples=self.micro_batch_size)
+        record(tokens=tokens, samples=self.micro_batch_size)
+        if engine is not None:
+            step = int(engine.global_steps)
+        if step is None:
+            raise OtelTrainError("after_step(step=...) is required without a DeepSpeed engine")
+        if step <= self._last_seen_step:
+            return  # inside an accumulation window: nothing else to read yet
+        self._last_seen_step = step
+        if self._loss_count:
+            record(loss=self._loss_sum / self._loss_count)
+            self._loss_sum, self._loss_count = None, 0
         if engine is not None:
             learning_rates = engine.get_lr()
             if learning_rates:
@@ -80,9 +104,6 @@ class DeepSpeedRecorder:
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 record(grad_norm=grad_norm)
-            step = int(engine.global_steps)
-        if step is None:
-            raise OtelTrainError("after_step(step=...) is required without a DeepSpeed engine")
         if step > self.telemetry.last_step:
             self.telemetry.step(step)
 

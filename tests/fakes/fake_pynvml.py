@@ -8,6 +8,8 @@ driver behind them is fake: a list of devices whose readings the test sets.
 from __future__ import annotations
 
 import ctypes
+import uuid as uuid_module
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pynvml
@@ -23,6 +25,11 @@ class FakeDevice:
     power_milliwatts: int | None = 350_000  # None: NVML_ERROR_NOT_SUPPORTED, like some boards
     temperature_c: int = 61
     sm_clock_mhz: int = 1980
+    # Millijoules since the driver loaded (a counter: tests advance it). None: Kepler/Maxwell/
+    # Pascal boards, where nvmlDeviceGetTotalEnergyConsumption is NVML_ERROR_NOT_SUPPORTED.
+    energy_millijoules: int | None = 5_000_000_000
+    # NVML's spelling, "GPU-" + the UUID; torch's device properties give it without the prefix.
+    uuid: str = field(default_factory=lambda: f"GPU-{uuid_module.uuid4()}")
 
 
 @dataclass
@@ -82,6 +89,15 @@ class FakeNvml:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return device.power_milliwatts
 
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: pynvml.c_nvmlDevice_t) -> int:
+        device = self._device(handle)
+        if device.energy_millijoules is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)  # -> NVMLError_NotSupported
+        return ctypes.c_uint64(device.energy_millijoules).value  # pynvml: c_uint64().value
+
+    def nvmlDeviceGetUUID(self, handle: pynvml.c_nvmlDevice_t) -> str:
+        return self._device(handle).uuid  # pynvml decodes the C string (convertStrBytes)
+
     def nvmlDeviceGetTemperature(self, handle: pynvml.c_nvmlDevice_t, sensor: int) -> int:
         assert sensor == pynvml.NVML_TEMPERATURE_GPU
         return self._device(handle).temperature_c
@@ -91,21 +107,64 @@ class FakeNvml:
         return self._device(handle).sm_clock_mhz
 
 
-class FakeCuda:
-    """The `torch.cuda` allocator queries otel-train makes, for a host without CUDA."""
+class FakeCUuuid:
+    """torch's `_CUuuid` (device_properties.uuid): str() is the bare 8-4-4-4-12 hex form."""
 
-    def __init__(self, allocated: int, reserved: int, peak: int, device: int = 0) -> None:
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def __str__(self) -> str:
+        return self._text
+
+
+@dataclass
+class FakeDeviceProperties:
+    name: str
+    uuid: FakeCUuuid
+
+
+class FakeCuda:
+    """The `torch.cuda` queries otel-train makes, for a host without CUDA.
+
+    `nvml_devices`: the FakeDevices this process sees as cuda:0, cuda:1, ... (CUDA numbers
+    devices its own way, e.g. under CUDA_VISIBLE_DEVICES), matched by UUID as on a real host.
+    The allocator holds memory on the current device only, as a one-GPU-per-rank job does,
+    unless `devices_in_use` says otherwise (one process spreading a model over several GPUs).
+    """
+
+    def __init__(
+        self,
+        allocated: int,
+        reserved: int,
+        peak: int,
+        device: int = 0,
+        nvml_devices: Sequence[FakeDevice] = (),
+        devices_in_use: Sequence[int] | None = None,
+    ) -> None:
         self.values = {"allocated": allocated, "reserved": reserved, "peak": peak}
         self.device = device
+        self.nvml_devices = list(nvml_devices)
+        self.devices_in_use = set(devices_in_use if devices_in_use is not None else [device])
 
     def current_device(self) -> int:
         return self.device
 
+    def device_count(self) -> int:
+        return max(len(self.nvml_devices), self.device + 1)
+
+    def get_device_properties(self, device: int) -> FakeDeviceProperties:
+        if not 0 <= device < self.device_count():
+            raise AssertionError(f"Invalid device id {device}")  # torch's own message
+        if device < len(self.nvml_devices):
+            nvml = self.nvml_devices[device]
+            return FakeDeviceProperties(nvml.name, FakeCUuuid(nvml.uuid.removeprefix("GPU-")))
+        return FakeDeviceProperties("NVIDIA H100 80GB HBM3", FakeCUuuid(str(uuid_module.uuid4())))
+
     def memory_allocated(self, device: int) -> int:
-        return self.values["allocated"]
+        return self.values["allocated"] if device in self.devices_in_use else 0
 
     def memory_reserved(self, device: int) -> int:
-        return self.values["reserved"]
+        return self.values["reserved"] if device in self.devices_in_use else 0
 
     def max_memory_allocated(self, device: int) -> int:
-        return self.values["peak"]
+        return self.values["peak"] if device in self.devices_in_use else 0

@@ -33,15 +33,22 @@ def main() -> int:
     ) as tel:
         recorder = DeepSpeedRecorder(tel, engine)
         micro_steps = 6 * recorder.gradient_accumulation_steps
+        micro_losses: dict[int, list[float]] = {}  # optimizer step -> its micro-batch losses
         for _ in range(micro_steps):
             x = torch.randn(recorder.micro_batch_size, 8)
             loss = torch.nn.functional.mse_loss(engine(x), x.sum(1, keepdim=True))
             engine.backward(loss)
+            step = engine.global_steps + 1  # the optimizer step this micro-batch belongs to
+            micro_losses.setdefault(step, []).append(loss.item())  # test bookkeeping only
             engine.step()
             recorder.after_step(loss=loss.detach())
         print(
             json.dumps(
-                {"global_steps": engine.global_steps, "batch": recorder.effective_batch_size}
+                {
+                    "global_steps": engine.global_steps,
+                    "batch": recorder.effective_batch_size,
+                    "micro_losses": micro_losses,
+                }
             )
         )
     return 0

@@ -1,6 +1,9 @@
 """A real training loop (tiny torch model, CPU) that runs until it is signalled or killed.
 
-Usage: python loop_worker.py OUTPUT_DIR MAX_STEPS [OTLP_ENDPOINT]
+Usage: python loop_worker.py OUTPUT_DIR MAX_STEPS [OTLP_ENDPOINT | tight]
+
+`tight`: no model, every step sampled, so a signal almost always lands inside a sampled step
+(the case where a flush waiting on the telemetry's lock deadlocked).
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ import otel_train
 def main() -> int:
     output_dir, max_steps = sys.argv[1], int(sys.argv[2])
     exporters: list[str] = ["jsonl"]
+    if sys.argv[3:] == ["tight"]:
+        with otel_train.setup(
+            run="killed", output_dir=output_dir, exporters=exporters, intervals={"train": 1},
+            shutdown_timeout_millis=4_000,
+        ) as tel:  # fmt: skip
+            for step in range(1, max_steps + 1):
+                tel.training.record(loss=1.0 / step, tokens=16)
+                tel.step(step)
+        return 0
     if len(sys.argv) > 3:
         import os
 

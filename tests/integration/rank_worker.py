@@ -61,6 +61,7 @@ def main() -> int:
         tel.training.record(loss=torch.tensor(float(rank)), tokens=(rank + 1) * 10, samples=1)
         tel.step(step)
     ours = sorted(set(listening_ports()) - before)
+    tel.flush()  # a scrape serves what the export thread has delivered
     scraped = {}
     for address, port in ours:
         with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5) as response:

@@ -83,7 +83,7 @@ def test_report_writes_summary_and_non_empty_pngs(demo_runs: tuple[Path, Path, s
         assert png.startswith(PNG_MAGIC) and len(png) > 10_000, name
     summary = json.loads((run_a / "summary.json").read_text())
     record = read_run(run_a)
-    assert summary["final_loss"] == pytest.approx(record.last("train/loss"))
+    assert summary["final_loss"] == pytest.approx(record.last("final/train_loss"))
     assert summary["best_eval_perplexity"] == pytest.approx(
         min(record.series("eval/perplexity")[1])
     )
@@ -133,3 +133,19 @@ def test_report_of_a_folder_without_a_run_fails_with_a_clear_message(tmp_path: P
     result = otel_train_cli("report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert "no JSON-lines run here" in result.stderr
+
+
+def test_report_shows_a_diverged_run_as_diverged(tmp_path: Path) -> None:
+    import otel_train
+
+    with otel_train.setup(
+        run="diverged", output_dir=tmp_path, exporters=("jsonl",), intervals={"train": 5}
+    ) as tel:
+        for step in range(1, 11):
+            tel.record(loss=0.5 if step < 10 else float("nan"), tokens=8)
+            tel.step(step)
+    result = otel_train_cli("report", str(tel.context.run_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nan (diverged)" in result.stdout
+    summary = json.loads((tel.context.run_dir / "summary.json").read_text())
+    assert summary["final_loss"] is None  # JSON has no NaN; never the last good 0.5

@@ -103,10 +103,13 @@ def test_nan_and_inf_are_valid_json_null_with_a_flag_and_training_continues(tmp_
     assert rows[20]["metrics"]["train/loss"] is None
     assert rows[20]["nonfinite"]["train/loss"] == "nan"
     assert rows[30]["nonfinite"] == {
-        "train/loss": "inf", "train/grad_norm": "-inf", "train/perplexity": "inf"
+        "train/loss": "inf", "train/loss_max": "inf", "train/grad_norm": "-inf",
+        "train/perplexity": "inf"
     }  # fmt: skip
     assert rows[40]["metrics"]["train/loss"] == 2.0  # not stuck on the last good value
-    assert rows[40]["metrics"]["train/nonfinite"] == 2 + 3  # NaN loss+perplexity, then 3 inf
+    # NaN loss, its max and perplexity; then inf loss, max, perplexity and -inf grad norm mean
+    assert rows[40]["metrics"]["train/nonfinite"] == 3 + 4
+    assert rows[30]["metrics"]["train/grad_norm_max"] == 1.0  # the max of 1.0s and -inf
     losses = dict(
         zip(capture.steps_with("train/loss"), capture.values_of("train/loss"), strict=True)
     )
@@ -125,6 +128,7 @@ def test_prometheus_scrape_shows_nan_for_a_nan_loss(tmp_path):
     try:
         tel.training.record(loss=math.nan)
         tel.step(1)
+        assert tel.flush()  # a scrape serves what the export thread has delivered
         ours = sorted(set(listening_ports()) - before)
         assert ours
         address, port = ours[0]

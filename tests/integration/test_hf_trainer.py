@@ -135,9 +135,12 @@ def test_trainer_callback_exports_the_same_keys_at_the_same_steps_as_a_plain_loo
     assert hf_capture.values_of("train/samples")[-1] == MAX_STEPS * MICRO_BATCH * ACCUMULATION
     assert hf_capture.values_of("train/learning_rate")[-1] == pytest.approx(5e-4)
     assert callback.effective_batch_size == MICRO_BATCH * ACCUMULATION
-    # Each exported loss is the one the Trainer logged at that very step (not the step before).
+    # Each exported loss is the mean of the losses the Trainer logged since the previous export,
+    # up to and including that very step (not the step before).
     logged = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
-    assert hf_capture.values_of("train/loss") == pytest.approx([logged[s] for s in train_steps])
+    bounds = list(zip([0, *train_steps], train_steps, strict=False))
+    means = [sum(logged[s] for s in range(lo + 1, hi + 1)) / (hi - lo) for lo, hi in bounds]
+    assert hf_capture.values_of("train/loss") == pytest.approx(means)
     # The Trainer's eval loss arrived as eval/loss with its perplexity.
     hf_eval = hf_capture.values_of("eval/loss")
     assert hf_capture.values_of("eval/perplexity") == pytest.approx([math.exp(v) for v in hf_eval])

@@ -183,3 +183,65 @@ def _context() -> otel_train.RunContext:
     return otel_train.RunContext(
         run="r", stage="train", rank=0, local_rank=0, world_size=1, host="h", output_dir=Path(".")
     )
+
+
+# A training script with default logging (Python's last-resort handler prints WARNING and up to
+# stderr): what a user sees when the collector fails every batch.
+_FAILING_COLLECTOR_RUN = """
+import json, sys
+import otel_train
+tel = otel_train.setup(run="loud", output_dir=sys.argv[1], exporters=("otlp",),
+                       intervals={"train": 1, "perf": 5}, handle_signals=False)
+for step in range(1, 101):
+    tel.training.record(loss=1.0, tokens=10)
+    tel.step(step)
+tel.flush(30_000)
+stats = tel.export_stats()
+tel.shutdown(timeout_millis=5_000)
+print(json.dumps(stats["otlp"]))
+"""
+
+
+@pytest.mark.parametrize("status", [500, 503])  # 500: final at once; 503: retried, then final
+def test_a_failing_collector_is_logged_once_then_counted(tmp_path, status):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    with OtlpReceiver(script=lambda n: (status, 0.0)) as rx:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": rx.endpoint,
+            "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": "2",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", _FAILING_COLLECTOR_RUN, str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        requests = rx.requests
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["failed"] >= 100 and stats["exported"] == 0  # every batch, and the final one
+    assert requests >= stats["failed"]  # they really reached the collector
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, "\n".join(lines[:10])
+    assert "OTLP export to" in lines[0] and rx.endpoint in lines[0]
+    assert str(status) in lines[0] or "retries" in lines[0]  # the SDK's reason, kept
+    assert "counted" in lines[0]
+
+
+def test_otlp_reduced_instruments_carry_a_rank_scope_attribute(tmp_path, monkeypatch):
+    """Without reduction every rank's tokens are its own: scope="rank", so a collector's
+    Prometheus sums them (the dashboard prefers scope="global" where a rank has it)."""
+    with OtlpReceiver() as rx:
+        tel = _otlp_setup(tmp_path, monkeypatch, rx.endpoint, intervals={"train": 5})
+        _train(tel, 10)
+        assert tel.flush(5_000)
+        tel.shutdown(timeout_millis=5_000)
+        got = rx.snapshot()
+    tokens = [attrs for r in got for attrs, _ in r.points.get("train.tokens", [])]
+    assert tokens and all(attrs == {"scope": "rank"} for attrs in tokens)
+    steps = [attrs for r in got for attrs, _ in r.points.get("train.global_step", [])]
+    assert steps and all(attrs == {} for attrs in steps)  # not a reduced instrument

@@ -5,131 +5,44 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from tests.integration.prometheus_server import (
+    PrometheusServer,
+    dashboard_queries,
+    free_port_pair,
+    needs_prometheus,
+    panel_queries,
+    running_prometheus,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "dashboards" / "grafana" / "dashboards" / "otel-train.json"
 PROMETHEUS_YML = REPO / "dashboards" / "prometheus" / "prometheus.yml"
 TRAINER = Path(__file__).with_name("prometheus_trainer.py")
 RUN = "live-test/run 1"  # a run name that needs escaping in PromQL
-RATE_WINDOW = "5s"  # stands in for Grafana's $__rate_interval at a 1 s scrape
-
-needs_prometheus = pytest.mark.skipif(
-    shutil.which("prometheus") is None or shutil.which("promtool") is None,
-    reason="Debian 'prometheus' package missing (./scripts/test installs it)",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _free_port_pair() -> int:
-    """A base port whose successor is free too (two ranks: base + local rank)."""
-    for _ in range(50):
-        base = _free_port()
-        if base >= 65535:
-            continue
-        try:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", base + 1))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no two consecutive free ports")
-
-
-def _wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-
-
-class PrometheusServer:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def get(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        try:
-            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=5) as response:
-                body = json.load(response)
-        except OSError:
-            return None
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.get("/api/v1/query", query=expr)
-        return [] if data is None else data["result"]
 
 
 @pytest.fixture
 def trainer_ports() -> int:
-    return _free_port_pair()
+    return free_port_pair()
 
 
 @pytest.fixture
 def prometheus(tmp_path: Path, trainer_ports: int) -> Iterator[PrometheusServer]:
-    """Our prometheus.yml, with a 1 s scrape and a file_sd targets file naming this test's
-    two ranks; temp storage; killed at teardown whatever happens."""
-    config = yaml.safe_load(PROMETHEUS_YML.read_text())
-    config["global"]["scrape_interval"] = "1s"
-    trainers = next(job for job in config["scrape_configs"] if job["job_name"] == "otel-train")
-    targets_file = tmp_path / "targets.yml"
-    targets_file.write_text(
-        yaml.safe_dump(
-            [{"targets": [f"127.0.0.1:{trainer_ports}", f"127.0.0.1:{trainer_ports + 1}"]}]
-        )
-    )
-    trainers["file_sd_configs"] = [{"files": [str(targets_file)]}]
-    config["scrape_configs"] = [trainers]  # no collector here
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        server = PrometheusServer(f"http://127.0.0.1:{port}")
-        _wait_for(lambda: server.get("/api/v1/status/buildinfo"), 20, "Prometheus to answer")
+    """Our prometheus.yml at a 1 s scrape, its file_sd naming this test's two ranks."""
+    targets = [f"127.0.0.1:{trainer_ports}", f"127.0.0.1:{trainer_ports + 1}"]
+    with running_prometheus(tmp_path, targets) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -167,20 +80,6 @@ def trainers(tmp_path: Path, trainer_ports: int) -> Iterator[list[subprocess.Pop
                 process.wait()
 
 
-def dashboard_queries(selector_values: dict[str, str]) -> list[tuple[str, str]]:
-    """(panel title, PromQL) for every target, Grafana variables filled in as Grafana would."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            expr = target["expr"].replace("$__rate_interval", RATE_WINDOW)
-            for name, value in selector_values.items():
-                expr = expr.replace(f"${name}", value)
-            assert "$" not in expr, f"unfilled variable in {panel['title']!r}: {expr}"
-            queries.append((panel["title"], expr))
-    return queries
-
-
 @needs_prometheus
 def test_two_ranks_scraped_and_every_dashboard_query_answers(
     prometheus: PrometheusServer,
@@ -197,7 +96,7 @@ def test_two_ranks_scraped_and_every_dashboard_query_answers(
         up = prometheus.query('up{job="otel-train"} == 1')
         return up if len(up) == 2 else None
 
-    up = _wait_for(both_up, 30, "both trainer ports to be scraped")
+    up = wait_for(both_up, 30, "both trainer ports to be scraped")
     assert {s["metric"]["instance"] for s in up} == {
         f"127.0.0.1:{trainer_ports}",
         f"127.0.0.1:{trainer_ports + 1}",
@@ -214,7 +113,7 @@ def test_two_ranks_scraped_and_every_dashboard_query_answers(
         return not missing
 
     try:
-        _wait_for(every_query_answers, 30, "every dashboard query to return data")
+        wait_for(every_query_answers, 30, "every dashboard query to return data")
     except AssertionError:
         raise AssertionError(f"dashboard panels without data: {missing}") from None
 
@@ -229,7 +128,7 @@ def test_two_ranks_scraped_and_every_dashboard_query_answers(
         )
         return sorted(ranks) if sorted(ranks) == ["0", "1"] else None
 
-    assert _wait_for(both_ranks_sampled, 30, "both ranks' sampled steps") == ["0", "1"]
+    assert wait_for(both_ranks_sampled, 30, "both ranks' sampled steps") == ["0", "1"]
 
     # Loss carries run / stage / rank labels as plain PromQL labels.
     loss = prometheus.query(f"train_loss{{{run_selector}}}")
@@ -241,7 +140,7 @@ def test_two_ranks_scraped_and_every_dashboard_query_answers(
     # Stop on a sampled step: the scraped counter equals the tokens each rank recorded.
     (workdir / "stop").touch()
     results = {
-        rank: _wait_for(
+        rank: wait_for(
             lambda rank=rank: _read_json(workdir / f"result-rank{rank}.json"),
             30,
             f"rank {rank} to stop",
@@ -256,7 +155,7 @@ def test_two_ranks_scraped_and_every_dashboard_query_answers(
             step = prometheus.query(f"train_global_step{{{selector}}}")
             return bool(step) and float(step[0]["value"][1]) == result["step"]
 
-        _wait_for(final_scraped, 15, f"rank {rank}'s last step to be scraped")
+        wait_for(final_scraped, 15, f"rank {rank}'s last step to be scraped")
         tokens = prometheus.query(f"train_tokens_total{{{selector}}}")
         assert len(tokens) == 1
         assert float(tokens[0]["value"][1]) == result["tokens"]
@@ -293,3 +192,133 @@ def test_promtool_accepts_the_shipped_prometheus_config() -> None:
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _start_trainer(
+    workdir: Path, rank: int, world: int, base_port: int, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    environment = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        OTEL_TRAIN_PROMETHEUS_PORT=str(base_port),
+        **env,
+    )
+    environment.pop("OTEL_TRAIN_PROMETHEUS_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, str(TRAINER), "--workdir", str(workdir), *args],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _finish(processes: list[subprocess.Popen[bytes]], workdir: Path) -> None:
+    (workdir / "exit").touch()
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        assert process.returncode == 0, output.decode(errors="replace")[-3000:]
+
+
+@needs_prometheus
+def test_the_steps_after_the_last_sampled_step_reach_prometheus(
+    prometheus: PrometheusServer, trainer_ports: int, tmp_path: Path
+) -> None:
+    """A run that ends 3 steps past its last sampled step: shutdown exports the tail and the
+    endpoint stays up (grace) until Prometheus has scraped it, so the scraped token counter
+    equals every token recorded, final/* included."""
+    workdir = tmp_path / "tail"
+    workdir.mkdir()
+    run = "tail-run"
+    trainer = _start_trainer(workdir, 0, 1, trainer_ports, "--run", run, "--tail", "3")
+    try:
+        selector = f'run="{run}"'
+
+        def last(name: str) -> float | None:
+            # The trainer exits: its series go stale, the last sample stays in range queries.
+            return prometheus.value(f"last_over_time({name}{{{selector}}}[5m])")
+
+        def scraped_twice() -> bool:  # a scraper with a rhythm, as a long run would have
+            count = prometheus.value(f"count_over_time(train_global_step{{{selector}}}[5m])")
+            return count is not None and count >= 2
+
+        wait_for(scraped_twice, 30, "two scrapes of the trainer")
+        (workdir / "stop").touch()
+        result = wait_for(lambda: _read_json(workdir / "result-rank0.json"), 30, "the stop")
+        assert result["step"] % 5 == 3  # the run ended off a sampled step
+        wait_for(lambda: last("train_global_step") == result["step"], 20, "the tail scraped")
+        assert last("train_tokens_total") == result["tokens"]
+        assert last("final_total_tokens") == result["tokens"]
+    finally:
+        _finish([trainer], workdir)
+
+
+@needs_prometheus
+def test_reduced_ranks_are_counted_once_by_every_all_ranks_panel(
+    prometheus: PrometheusServer, trainer_ports: int, tmp_path: Path
+) -> None:
+    """Two gloo ranks with reduce_across_ranks=True: rank 0 serves the global values
+    (scope="global"), rank 1 its own (scope="rank"); the dashboard's all-rank panels count
+    each token once, and every panel answers (non-finite at 0: nothing was NaN)."""
+    workdir = tmp_path / "reduce"
+    workdir.mkdir()
+    run = "reduce-run"
+    steps = 400
+    gloo = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port_pair()),
+            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    trainers = [
+        _start_trainer(
+            workdir, rank, 2, trainer_ports, "--run", run, "--reduce", "--steps", str(steps), **gloo
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        results = [
+            wait_for(lambda r=rank: _read_json(workdir / f"result-rank{r}.json"), 90, "the run")
+            for rank in (0, 1)
+        ]
+        per_step = {rank: 128 * (rank + 1) for rank in (0, 1)}
+        assert [r["tokens"] for r in results] == [per_step[0] * steps, per_step[1] * steps]
+        variables = {"run": run, "stage": "sft", "rank": ".*"}
+        selector = f'run="{run}"'
+
+        def final_scraped() -> bool:
+            return all(
+                prometheus.value(f'train_global_step{{{selector},rank="{rank}"}}') == steps
+                for rank in (0, 1)
+            )
+
+        wait_for(final_scraped, 30, "both ranks' last step in Prometheus")
+        global_tokens = (per_step[0] + per_step[1]) * steps
+        # The series say what they hold.
+        assert prometheus.value(f'train_tokens_total{{{selector},scope="global"}}') == global_tokens
+        assert prometheus.value(f'train_tokens_total{{{selector},scope="rank"}}') == (
+            per_step[1] * steps
+        )
+        (tokens_total,) = panel_queries("Tokens (all ranks)", variables)
+        assert prometheus.value(tokens_total) == global_tokens  # not global + rank 1's own
+        (tokens_per_second,) = panel_queries("Tokens/s (all ranks)", variables)
+        shown = prometheus.value(tokens_per_second)
+        global_rate = prometheus.value(f'perf_tokens_per_second{{{selector},scope="global"}}')
+        assert shown is not None and shown == global_rate
+        steps_per_second = prometheus.value(f'perf_steps_per_second{{{selector},rank="1"}}')
+        assert steps_per_second
+        # Both ranks run in lock step: the job's rate is (128 + 256) tokens per step, where
+        # summing rank 0's global rate with rank 1's own would read (384 + 256) per step.
+        assert shown / steps_per_second == pytest.approx(per_step[0] + per_step[1], rel=0.3)
+        for title in ("Tokens/s, sum over ranks", "Samples/s, sum over ranks"):
+            for expr in panel_queries(title, variables):
+                assert len(prometheus.query(expr)) == 1, (title, expr)  # one all-rank series
+        missing = [
+            title for title, expr in dashboard_queries(variables) if not prometheus.query(expr)
+        ]
+        assert not missing, f"dashboard panels without data: {missing}"
+        assert prometheus.value(f"sum(train_nonfinite_total{{{selector}}})") == 0.0
+    finally:
+        _finish(trainers, workdir)

@@ -83,6 +83,27 @@ def test_signal_mid_run_flushes_every_sampled_step_then_ends_as_the_signal_says(
     _assert_every_sampled_step_then_final(path, seen)
 
 
+def test_sigterm_inside_sampled_steps_never_deadlocks_the_flush(tmp_path):
+    """Every step sampled: the signal lands inside a sampled step (holding the telemetry's
+    lock) nearly every time; the flush is deferred to the step's end, never waits on it."""
+    for trial in range(6):
+        directory = tmp_path / f"trial{trial}"
+        proc = _start(directory, "tight")
+        path = directory / "killed" / "rank0.jsonl"
+        _wait_until_step(proc, path, 50 + 37 * trial)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        exit_seconds = time.monotonic() - sent
+        assert proc.returncode == -signal.SIGTERM, err[-2000:]
+        assert exit_seconds < 4.0, (trial, exit_seconds)  # within the flush budget, no wait
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        final = rows[-1]["metrics"]
+        assert final["final/total_steps"] == rows[-1]["step"], trial
+        # tokens recorded for the next step before its step() call are not lost either
+        assert final["final/total_tokens"] in (16 * rows[-1]["step"], 16 * (rows[-1]["step"] + 1))
+
+
 def test_sigkill_leaves_at_most_a_partial_last_line(tmp_path):
     proc = _start(tmp_path)
     path = tmp_path / "killed" / "rank0.jsonl"

@@ -109,7 +109,9 @@ def test_non_finite_host_values_are_recorded_flagged_and_do_not_crash(telemetry_
     assert first["metrics"]["train/loss"] is None and first["metrics"]["train/grad_norm"] is None
     assert first["nonfinite"] == {
         "train/loss": "inf",
+        "train/loss_max": "inf",
         "train/grad_norm": "nan",
+        "train/grad_norm_max": "nan",
         "train/perplexity": "inf",
     }
     assert first["metrics"]["train/learning_rate"] == 1e-4
@@ -135,7 +137,9 @@ def test_output_dir_that_is_a_file_fails_at_setup_with_the_option_to_change(tmp_
 
 
 @pytest.mark.parametrize(
-    ("run", "folder"), [("team/exp-1", "team_exp-1"), ("../../etc", "etc"), ("a..b", "a_b")]
+    ("run", "folder"),
+    # A name that had to change gets a hash of the original: `a/b` never shares `a_b`'s folder.
+    [("team/exp-1", "team_exp-1-"), ("../../etc", "_._.._etc-"), ("a..b", "a..b")],
 )
 def test_run_name_is_made_file_safe_and_kept_verbatim_in_the_data(tmp_path, run, folder):
     tel = otel_train.setup(
@@ -144,7 +148,8 @@ def test_run_name_is_made_file_safe_and_kept_verbatim_in_the_data(tmp_path, run,
     tel.training.record(loss=1.0)
     tel.step(1)
     tel.shutdown()
-    path = tmp_path / folder / "rank0.jsonl"
+    (path,) = tmp_path.glob("*/rank0.jsonl")
+    assert path.parent.name.startswith(folder) and path.parent.name.count("/") == 0
     assert path.parent.resolve().parent == tmp_path.resolve()
     assert json.loads(path.read_text().splitlines()[0])["run"] == run
 
@@ -156,14 +161,14 @@ def test_bad_max_queue_and_total_steps(tmp_path):
         otel_train.setup(run="x", output_dir=tmp_path, exporters=(), total_steps=-1)
 
 
-def test_a_non_finite_gauge_stays_non_finite_until_a_finite_value_replaces_it(
-    telemetry_factory, capture
-):
-    """The SDK drops NaN and would keep exporting the last good loss: we must not."""
+def test_a_non_finite_gauge_is_never_shown_as_the_last_good_value(telemetry_factory, capture):
+    """The SDK drops NaN and would keep exporting the last good loss: we must not. A step
+    that recorded no loss exports none (absent), neither the NaN nor the last good one."""
     tel = telemetry_factory(exporters=[capture], intervals={"train": 1})
     for step, loss in ((1, 1.0), (2, float("nan")), (3, None), (4, 0.5)):
         tel.training.record(loss=loss, tokens=1)
         tel.step(step)
     tel.flush()
     losses = capture.values_of("train/loss")
-    assert losses[0] == 1.0 and math.isnan(losses[1]) and math.isnan(losses[2]) and losses[3] == 0.5
+    assert capture.steps_with("train/loss") == [1, 2, 4]
+    assert losses[0] == 1.0 and math.isnan(losses[1]) and losses[2] == 0.5

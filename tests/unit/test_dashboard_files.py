@@ -65,7 +65,7 @@ def test_dashboard_has_fixed_uid_variables_and_every_required_panel() -> None:
 def test_every_panel_uses_the_provisioned_datasource_uid() -> None:
     datasources = _yaml(DASHBOARDS / "grafana/provisioning/datasources/prometheus.yml")
     (datasource,) = datasources["datasources"]
-    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://127.0.0.1:9090"
     dashboard = json.loads(DASHBOARD.read_text())
     uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
     uids |= {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
@@ -89,8 +89,14 @@ def test_compose_services_images_healthchecks_and_mounts() -> None:
                 assert (REPO / source).exists(), f"{name} mounts missing {source}"
             else:
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
-    assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    # Trainers bind 127.0.0.1: only a Prometheus on the host's network can scrape them, and
+    # Grafana reaches that Prometheus the same way; both listen on loopback only.
+    for name in ("prometheus", "grafana"):
+        assert services[name]["network_mode"] == "host", name
+        assert "ports" not in services[name], f"{name}: host network publishes nothing"
+    assert "--web.listen-address=127.0.0.1:9090" in services["prometheus"]["command"]
     grafana = services["grafana"]
+    assert grafana["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
@@ -116,8 +122,11 @@ def test_prometheus_and_collector_configs_are_wired() -> None:
         for group in _yaml(path)
         for target in group["targets"]
     ]
-    assert targets == [f"host.docker.internal:{port}" for port in range(9464, 9472)]
-    assert jobs["otel-collector"]["static_configs"][0]["targets"] == ["otel-collector:8889"]
+    # What `otel-train demo` (one process, 127.0.0.1:9464) serves: no target is down.
+    assert targets == ["127.0.0.1:9464"]
+    assert jobs["otel-collector"]["static_configs"][0]["targets"] == ["127.0.0.1:8889"]
+    published = _yaml(COMPOSE)["services"]["otel-collector"]["ports"]
+    assert "127.0.0.1:8889:8889" in " ".join(published)
     collector = _yaml(DASHBOARDS / "otel-collector/config.yaml")
     pipeline = collector["service"]["pipelines"]["metrics"]
     assert pipeline["receivers"] == ["otlp"] and pipeline["exporters"] == ["prometheus"]

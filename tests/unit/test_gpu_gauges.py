@@ -86,11 +86,12 @@ def test_nvml_is_queried_only_on_gpu_sampled_steps(telemetry_factory):
         exporters=[capture], intervals={"train": 1, "gpu": 10}, gpu_metrics=False
     )
     register_gpu_metrics(tel, nvml=nvml, use_nvml=True)
+    at_setup = nvml.calls  # the energy counter's starting value, read once
     _run(tel, 9)
-    assert nvml.calls == 0  # nine train exports, no GPU step yet
+    assert nvml.calls == at_setup  # nine train exports, no GPU step yet
     tel.step(10)
     tel.flush()
-    assert nvml.calls > 0
+    assert nvml.calls > at_setup
     assert [r.step for r in capture.rows if "gpu/utilization/hw_id_0" in r.values] == [10]
 
 
@@ -120,14 +121,19 @@ def test_a_prometheus_scrape_reads_the_gpu_gauges_and_promtool_accepts_them(tele
 
     from exporters.prometheus import PrometheusExporter
 
-    reader = PrometheusExporter(port=0)
+    reader = PrometheusExporter(port=0, final_scrape_grace_millis=0)
     nvml = FakeNvml([FakeDevice(), FakeDevice(temperature_c=70)])
-    tel = telemetry_factory(exporters=[reader], gpu_metrics=False)
+    tel = telemetry_factory(exporters=[reader], gpu_metrics=False, intervals={"gpu": 5})
     register_gpu_metrics(tel, nvml=nvml, cuda=FakeCuda(allocated=GIB, reserved=2 * GIB, peak=GIB))
     assert reader.url is not None
-    # A scrape between sampled steps still reads NVML (pull readers are never gated).
+    for step in range(1, 7):
+        tel.step(step)
+    assert tel.flush()
+    calls = nvml.calls
+    # The scrape serves the GPU-sampled step's values: it never queries NVML itself.
     with urllib.request.urlopen(reader.url, timeout=10) as response:
         exposition = response.read().decode()
+    assert nvml.calls == calls
     series = {line.split("{")[0] for line in exposition.splitlines() if not line.startswith("#")}
     assert {
         "hw_gpu_utilization",

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
 import otel_train
 from otel_train.ranks import RankInfo
@@ -19,10 +20,18 @@ pytest.importorskip("opentelemetry.exporter.prometheus")
 from exporters.prometheus import (
     DEFAULT_ADDRESS,
     DEFAULT_PORT,
+    GRACE_ENV,
     PORT_ENV,
     PrometheusExporter,
     PrometheusSettings,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_final_scrape_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests scrape once and exit: shutdown must not wait for a scraper's next visit
+    (the grace has its own tests, in tests/unit/test_prometheus_scrape_cache.py)."""
+    monkeypatch.setenv(GRACE_ENV, "0")
 
 
 def _scrape(url: str) -> str:
@@ -68,31 +77,39 @@ def test_series_carry_run_stage_rank_labels_and_last_sampled_values(tmp_path: Pa
     ) as tel:
         assert exporter.url is not None and exporter.url.startswith("http://127.0.0.1:")
         _train(tel, 7)  # sampled at 5; steps 6-7 are staged, not yet exported
+        assert tel.flush()  # the export thread has handed step 5 to the endpoint
         text = _scrape(exporter.url)
     labels = 'rank="1",run="labels",stage="dpo"'
-    assert f"train_tokens_total{{{labels}}} 50.0" in text
-    assert f"train_loss{{{labels}}} 0.2" in text
+    reduced = 'rank="1",run="labels",scope="rank",stage="dpo"'  # this rank's own values
+    assert f"train_tokens_total{{{reduced}}} 50.0" in text
+    mean_loss = sum(1.0 / step for step in range(1, 6)) / 5  # the interval mean, steps 1-5
+    assert f"train_loss{{{reduced}}} {floatToGoString(mean_loss)}" in text
+    assert f"train_loss_max{{{labels}}} 1.0" in text  # the interval max is not reduced
     assert f"train_global_step{{{labels}}} 5.0" in text
 
 
 def test_a_scrape_never_resolves_staged_values(tmp_path: Path) -> None:
     """A scrape between sampled steps reads the SDK's values, never the staged ones."""
 
-    class Staged:
-        """Stands in for a device tensor: counts how often something converts it."""
+    torch = pytest.importorskip("torch")
+
+    class Staged(torch.Tensor):
+        """A tensor that counts every copy of its value to the host."""
 
         conversions = 0
 
-        def __float__(self) -> float:
-            Staged.conversions += 1
-            return 3.0
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in {"item", "tolist", "__float__", "cpu", "numpy"}:
+                Staged.conversions += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
 
     exporter = PrometheusExporter(port=0)
     with otel_train.setup(
         run="nosync", output_dir=tmp_path, exporters=(exporter,), intervals={"train": 10}
     ) as tel:
         assert exporter.url is not None
-        tel.training.record(loss=Staged())
+        tel.training.record(loss=torch.tensor(3.0).as_subclass(Staged))
         tel.step(1)
         for _ in range(3):
             _scrape(exporter.url)
@@ -106,10 +123,11 @@ def test_two_setups_in_one_process_serve_separately_and_free_their_port(tmp_path
     try:
         _train(tel_a, 10)
         _train(tel_b, 10, tokens=3)
+        assert tel_a.flush() and tel_b.flush()
         assert first.url and second.url and first.port != second.port
         text_a, text_b = _scrape(first.url), _scrape(second.url)
         assert 'run="a"' in text_a and 'run="b"' not in text_a
-        assert 'train_tokens_total{rank="0",run="b",stage="train"} 30.0' in text_b
+        assert 'train_tokens_total{rank="0",run="b",scope="rank",stage="train"} 30.0' in text_b
     finally:
         port = first.port
         tel_a.shutdown()
@@ -129,6 +147,7 @@ def test_port_is_base_plus_local_rank(tmp_path: Path, monkeypatch: pytest.Monkey
     )
     try:
         _train(tel, 10)
+        assert tel.flush()
         assert 'train_tokens_total{rank="3",run="ports"' in _scrape(
             f"http://127.0.0.1:{base + 3}/metrics"
         )
@@ -168,6 +187,7 @@ def test_a_collect_without_a_scrape_does_not_duplicate_families(tmp_path: Path) 
         _train(tel, 10)
         tel.provider.force_flush()
         tel.provider.force_flush()
+        assert tel.flush()
         assert exporter.url is not None
         text = _scrape(exporter.url)
     type_lines = [line for line in text.splitlines() if line.startswith("# TYPE ")]

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import math
 
-from otel_train.reduction import pack, unpack
-from otel_train.staging import Resolved
+from otel_train.reduction import Resolved, pack, unpack
 
 
 def _all_reduce(*ranks: Resolved) -> list[float]:

@@ -32,7 +32,8 @@ def test_rows_come_back_with_keys_steps_and_identity(tmp_path: Path) -> None:
     assert record.run == "reader-run" and record.rank == 0 and not record.warnings
     steps, losses = record.series("train/loss")
     assert steps == [10, 20, 30]
-    assert losses == pytest.approx([2.010, 2.020, 2.030])
+    # the interval mean of the ten losses before each export
+    assert losses == pytest.approx([2.0055, 2.0155, 2.0255])
     assert record.last("train/num_input_tokens_seen") == 240.0
     assert record.last("final/total_steps") == 30.0
 
@@ -59,7 +60,7 @@ def test_resumed_run_keeps_the_latest_rows_for_repeated_steps(tmp_path: Path) ->
     steps, losses = record.series("train/loss")
     assert steps == [10, 20, 30, 40]
     # Step 10 is from the first run; 20 and 30 were redone by the resumed run and win.
-    assert losses == pytest.approx([5.010, 1.020, 1.030, 1.040])
+    assert losses == pytest.approx([5.0055, 1.0155, 1.0255, 1.0355])  # interval means
     assert [row.step for row in record.rows] == sorted(row.step for row in record.rows)
     assert record.last("final/total_steps") == 40.0  # the crashed run's final row is gone
 

@@ -8,24 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MATERIALISING = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
-
-
-class CountingTensor(torch.Tensor):
-    """A tensor subclass that counts every call that copies its value to the host."""
-
-    materialisations = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in MATERIALISING:
-            CountingTensor.materialisations += 1
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
-def counting(value: float, dtype=None) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype or torch.float32).as_subclass(CountingTensor)
+from tests.counting_tensor import CountingTensor, counting  # noqa: E402
 
 
 def test_non_sampled_steps_never_materialise_and_sampled_steps_once(telemetry_factory, capture):
@@ -47,7 +30,9 @@ def test_non_sampled_steps_never_materialise_and_sampled_steps_once(telemetry_fa
     assert [n for s, n in enumerate(per_step, 1) if s not in sampled] == [0] * 36
     assert [n for s, n in enumerate(per_step, 1) if s in sampled] == [1, 1, 1, 1]
     tel.flush()
-    assert capture.values_of("train/loss") == [10.5, 20.5, 30.5, 40.5]
+    # train/loss is the mean of the interval's ten losses; train/loss_max its largest
+    assert capture.values_of("train/loss") == [6.0, 16.0, 26.0, 36.0]
+    assert capture.values_of("train/loss_max") == [10.5, 20.5, 30.5, 40.5]
     assert capture.values_of("train/num_input_tokens_seen") == [640, 1280, 1920, 2560]
     assert capture.values_of("train/samples")[-1] == 160
     assert capture.values_of("train/grad_norm")[-1] == 1.5
@@ -92,15 +77,15 @@ def test_non_finite_tensor_loss_is_exported_as_nan_and_counted(telemetry_factory
     tel.flush()
     losses = capture.values_of("train/loss")
     assert losses[0] == 1.25 and math.isnan(losses[1])
-    assert capture.rows[-1].nonfinite == ["train/loss", "train/perplexity"]
-    assert capture.values_of("train/nonfinite") == [2]
+    assert capture.rows[-1].nonfinite == ["train/loss", "train/loss_max", "train/perplexity"]
+    assert capture.values_of("train/nonfinite") == [0, 3]  # 0 until the first NaN
 
 
-def test_batch_tensor_is_rejected_with_a_clear_message(telemetry_factory):
+def test_batch_tensor_is_rejected_with_a_clear_message_when_recorded(telemetry_factory):
     tel = telemetry_factory(exporters=(), intervals={"train": 1})
-    tel.training.record(loss=torch.ones(4))
     with pytest.raises(otel_train_error(), match=r"0-dim tensor"):
-        tel.step(1)
+        tel.training.record(loss=torch.ones(4))
+    tel.step(1)  # nothing bad was staged: the sampled step is fine
 
 
 def otel_train_error():
@@ -111,9 +96,9 @@ def otel_train_error():
 
 def test_after_a_rejected_batch_tensor_the_next_steps_export(telemetry_factory, capture):
     tel = telemetry_factory(exporters=[capture], intervals={"train": 1})
-    tel.training.record(loss=torch.ones(4))
     with pytest.raises(otel_train_error()):
-        tel.step(1)
+        tel.training.record(loss=torch.ones(4))
+    tel.step(1)
     tel.training.record(loss=torch.tensor(0.5))
     tel.step(2)
     tel.flush()

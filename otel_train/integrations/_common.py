@@ -1,0 +1,50 @@
+"""What every framework adapter needs: a clock that moves after a step's values are in,
+the train interval, and warnings said once."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from otel_train.telemetry import Telemetry
+
+
+class StepDriver:
+    """Moves `tel.step()` for an adapter whose framework reports a step's values after the
+    hook that ends it (HF's `on_log` after `on_step_end`, Lightning's loggers after
+    `on_train_batch_end`): `defer(step)`, then `advance()` once they are recorded."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.pending: int | None = None
+
+    def defer(self, step: int) -> None:
+        self.pending = step
+
+    def step(self, step: int) -> None:
+        self.pending = None
+        if step > self.telemetry.last_step:
+            self.telemetry.step(step)
+
+    def advance(self) -> None:
+        if self.pending is not None:
+            self.step(self.pending)
+
+
+def train_interval(telemetry: Telemetry) -> int | None:
+    """Steps between train-group exports (None: the train group is an event group)."""
+    interval = getattr(telemetry, "interval", None)
+    if callable(interval):
+        value = interval("train")
+        return value if isinstance(value, int) else None
+    groups = getattr(telemetry, "_groups", None)  # until Telemetry exposes it
+    value = getattr(groups, "intervals", {}).get("train")
+    return value if isinstance(value, int) else None
+
+
+def warn_once(logger: logging.Logger, seen: set[str], what: str, message: str, *args: Any) -> None:
+    """A problem inside a framework hook: logged once per adapter and kind, never raised."""
+    if what not in seen:
+        seen.add(what)
+        logger.warning(message, *args)
