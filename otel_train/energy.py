@@ -102,7 +102,7 @@ def register_joules_per_token(telemetry: Telemetry, nvml: NvmlReader, cuda: Any)
     source = EnergyPerToken(nvml, cuda, devices)
     # The rate tracker tells the source each perf interval's tokens, right before the perf
     # group is collected; the gauge then shows that interval's value (scrapes: the last one).
-    telemetry._rates.listeners.append(source)
+    telemetry.add_interval_listener(source)
     telemetry.meter.create_observable_gauge(
         JOULES_PER_TOKEN,
         callbacks=[telemetry.reader.sampled_callback("perf", source.observe)],

@@ -14,6 +14,7 @@ from opentelemetry.metrics import Histogram, Meter
 
 from otel_train.catalog import BY_KEYWORD, RECORD_KEYWORDS, STANDARD_INSTRUMENTS
 from otel_train.errors import OtelTrainError, UnknownMetricError
+from otel_train.stage_metrics import TRAINER_KEYS
 from otel_train.staged_meter import StagedInstrument, StagingRegistry
 from otel_train.staging import stage_value
 
@@ -35,8 +36,13 @@ _DIRECT = ("train.global_step", "perf.step_time")
 
 
 def instrument_name_for(key: str) -> str:
-    """`record()` mapping keys -> instrument names: `rewards/margins` -> `rewards.margins`;
-    a bare name joins the train group (`reward` -> `train.reward`, `loss` -> `train.loss`)."""
+    """`record()` mapping keys -> instrument names. A key trainers log (TRL's
+    `rewards/margins`) names its stage instrument (`train.rewards.margin`), so a plain loop
+    and TRL chart it under one name; otherwise `a/b` -> `a.b`, and a bare name joins the
+    train group (`reward` -> `train.reward`, `loss` -> `train.loss`)."""
+    known = TRAINER_KEYS.get(key)
+    if known is not None:
+        return known
     name = key.replace("/", ".")
     return name if "." in name else f"train.{name}"
 

@@ -23,7 +23,7 @@ from otel_train.catalog import BY_NAME, CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
-from otel_train.rates import RateTracker, ThroughputSettings
+from otel_train.rates import IntervalListener, RateTracker, ThroughputSettings
 from otel_train.reader import Freshness, StepSampledReader
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
@@ -108,6 +108,24 @@ class Telemetry:
     @property
     def last_step(self) -> int:
         return self._last_step
+
+    def interval(self, group: str) -> int | None:
+        """Steps between exports of `group` (None: an event group, or no such group)."""
+        return self._groups.intervals.get(group)
+
+    @property
+    def perplexity(self) -> bool:
+        """Whether train/eval perplexity is derived from the loss (cross-entropy stages)."""
+        return self.summaries.perplexity
+
+    @perplexity.setter
+    def perplexity(self, enabled: bool) -> None:
+        """Integrations that learn the real stage (a TRL DPOConfig) switch it off."""
+        self.summaries.perplexity = bool(enabled)
+
+    def add_interval_listener(self, listener: IntervalListener) -> None:
+        """Be told each perf interval's tokens as it ends (e.g. GPU energy per token)."""
+        self._rates.listeners.append(listener)
 
     def __enter__(self) -> Telemetry:
         return self

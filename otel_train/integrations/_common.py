@@ -34,13 +34,7 @@ class StepDriver:
 
 def train_interval(telemetry: Telemetry) -> int | None:
     """Steps between train-group exports (None: the train group is an event group)."""
-    interval = getattr(telemetry, "interval", None)
-    if callable(interval):
-        value = interval("train")
-        return value if isinstance(value, int) else None
-    groups = getattr(telemetry, "_groups", None)  # until Telemetry exposes it
-    value = getattr(groups, "intervals", {}).get("train")
-    return value if isinstance(value, int) else None
+    return telemetry.interval("train")
 
 
 def warn_once(logger: logging.Logger, seen: set[str], what: str, message: str, *args: Any) -> None:

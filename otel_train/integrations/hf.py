@@ -236,11 +236,10 @@ class OtelTrainCallback(TrainerCallback):  # type: ignore[misc]
         telemetry = self.telemetry
         if stage is None or stage == telemetry.context.stage:
             return
-        summaries = getattr(telemetry, "summaries", None)
-        derives = stage not in CROSS_ENTROPY_STAGES and getattr(summaries, "perplexity", False)
+        derives = stage not in CROSS_ENTROPY_STAGES and telemetry.perplexity
         if derives:
             # exp() of a DPO / GRPO loss is no perplexity: leave it out rather than show it.
-            summaries.perplexity = False  # type: ignore[union-attr]
+            telemetry.perplexity = False
         both_cross_entropy = {stage, telemetry.context.stage} <= CROSS_ENTROPY_STAGES
         log = _logger.info if both_cross_entropy else _logger.warning  # only a label differs
         log(

@@ -109,18 +109,20 @@ def test_record_takes_a_mapping_with_slash_keys_beside_the_standard_keywords(
     tel.meter.create_counter("train.generated_tokens")  # declared: record() adds to it
     for step in (1, 2):
         tel.record(
-            {"rewards/margins": torch.tensor(0.1 * step), "reward": 2.0 * step,
-             "train.generated_tokens": 7},
+            {"rewards/margins": torch.tensor(0.1 * step), "probe/value": 2.0 * step,
+             "reward_bonus": 1.0, "train.generated_tokens": 7},
             loss=1.0,
             tokens=4,
         )  # fmt: skip
         tel.step(step)
     tel.flush()
     row = capture.rows[-1].values
-    assert row["rewards/margins"] == pytest.approx(0.2)
-    # train.reward is in the stage catalog (otel_train/stage_metrics.py) as an interval mean.
-    assert row["train/reward"] == 3.0
-    assert row["train/reward_max"] == 4.0
+    # a key TRL logs names the stage instrument a TRL run charts (one name for both); the
+    # stage catalog declares it an interval mean
+    assert row["train/rewards_margin"] == pytest.approx(0.15)
+    assert row["train/rewards_margin_max"] == pytest.approx(0.2)
+    assert row["probe/value"] == 4.0  # any other slash key: instrument probe.value
+    assert row["train/reward_bonus"] == 1.0  # a bare name joins the train group
     assert row["train/generated_tokens"] == 14.0
     assert row["train/num_input_tokens_seen"] == 8.0
     with pytest.raises(UnknownMetricError, match="'los'"):
