@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -29,11 +30,13 @@ _lock = threading.Lock()
 _exit_graces: list[Callable[[], float | None]] = []
 
 
-def start_service_first() -> None:
+def start_service_first(mode: str | None) -> None:
     """Start wandb's service (and so register its exit hook) now, before `wandb.init` would:
-    a hook registered after this one runs before wandb's teardown."""
+    a hook registered after this one runs before wandb's teardown. Disabled W&B has none."""
     import wandb
 
+    if (mode or os.environ.get("WANDB_MODE", "")).strip().lower() == "disabled":
+        return
     ensure_service = getattr(wandb.setup(), "ensure_service", None)
     if callable(ensure_service):
         ensure_service()

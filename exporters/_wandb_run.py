@@ -112,11 +112,7 @@ def project_from_env(project: str | None, entity: str | None) -> tuple[str | Non
 
 
 def write_identity(path: Path, identity: Mapping[str, Any]) -> None:
-    try:
-        text = json.dumps(identity, indent=1, sort_keys=True, default=str, allow_nan=False)
-    except ValueError as error:
-        _logger.warning("otel-train: cannot keep the W&B identity in %s (%s)", path, error)
-        return
+    text = json.dumps(identity, indent=1, sort_keys=True, default=str)
     write_text_atomically(path, text + "\n")
 
 

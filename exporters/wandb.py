@@ -269,7 +269,7 @@ class WandbMetricExporter(MetricExporter):
     def _open_run(self) -> Any:
         import wandb
 
-        start_service_first()
+        start_service_first(self._spec.mode)
         bound_process_exit(self._exit_grace)
         if self.use_active_run and wandb.run is not None:
             run = wandb.run
