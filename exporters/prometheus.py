@@ -35,6 +35,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from exporters._prometheus_data import classic, merged
 from exporters._scrape_server import ScrapeServer
 from otel_train.errors import OtelTrainError
 from otel_train.reduction import with_scope
@@ -228,7 +229,10 @@ class PrometheusExporter(MetricExporter):
                 for scope_metrics in resource_metrics.scope_metrics:
                     scope = scope_metrics.scope
                     for metric in scope_metrics.metrics:
-                        self._latest[(scope.name, metric.name)] = (scope, metric)
+                        key = (scope.name, metric.name)
+                        previous = self._latest.get(key)
+                        shaped = merged(previous[1] if previous else None, classic(metric))
+                        self._latest[key] = (scope, shaped)
             self._version += 1
         return MetricExportResult.SUCCESS
 
