@@ -12,7 +12,7 @@ import pytest
 import otel_train
 
 pytest.importorskip("opentelemetry.exporter.prometheus")
-from exporters.prometheus import PrometheusExporter  # noqa: E402
+from exporters.prometheus import PrometheusExporter
 
 
 def _scrape(url: str) -> str:
