@@ -21,7 +21,7 @@ from otel_train.errors import OtelTrainError
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
-_logger = logging.getLogger("otel_train.flop_counter")
+_logger = logging.getLogger(__name__)
 
 
 def _cpu_attention_formulas() -> dict[Any, Any]:
