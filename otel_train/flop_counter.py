@@ -114,11 +114,6 @@ class StepFlopCounter:
             "otel-train: measured %.4g FLOPs per step (step %d)", self.flops_per_step, measured + 1
         )
 
-    def finish_if_measuring(self) -> None:
-        """End a measurement still open (e.g. the run stopped after its first step)."""
-        if self._mode is not None:
-            self._finish()
-
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._mode is not None and self._telemetry.last_step != self._measuring_step:
             return ()  # the measured step ended but no forward has closed it yet

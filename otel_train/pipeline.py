@@ -38,7 +38,9 @@ class BuiltExporters:
 
     def close_quietly(self) -> None:
         """A setup that fails half-way must not leave a port bound or a W&B run starting."""
-        for item in [*self.pull_readers, *(exporter for _, exporter in self.push_exporters)]:
+        items: list[MetricReader | MetricExporter] = [*self.pull_readers]
+        items.extend(exporter for _, exporter in self.push_exporters)
+        for item in items:
             try:
                 item.shutdown(timeout_millis=1_000)
             except Exception as error:

@@ -14,10 +14,6 @@ class RankInfo:
     local_rank: int = 0
     world_size: int = 1
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _env_int(name: str) -> int | None:
     return launcher_int(name)

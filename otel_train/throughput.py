@@ -2,7 +2,7 @@
 
 FLOPs per token are analytic, by stage (`otel_train.model_flops`: 6N + 12*L*H*T per trained
 token, PaLM appendix B, plus a reference forward for DPO and a forward-only generation phase
-for PPO / GRPO); the peak comes from `otel_train.peak_flops`' table or the caller.
+for PPO / GRPO); the peak comes from `otel_train.peak_table`' table or the caller.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from otel_train import env as env_vars
 from otel_train.errors import OtelTrainError
 from otel_train.model_flops import STAGE_PASSES, stage_flops_per_token
 from otel_train.model_flops import flops_per_token as flops_per_token  # its former home
-from otel_train.peak_flops import lookup_peak_flops, warn_no_device_once, warn_unknown_once
+from otel_train.peak_table import lookup_peak_flops, warn_no_device_once, warn_unknown_once
 from otel_train.ranks import detect_ranks
 from otel_train.rates import ThroughputSettings
 from otel_train.validation import check_positive_int
@@ -132,7 +132,7 @@ def effective_batch_size(
 
 
 def peak_flops(device_name: str | None = None, dtype: object = "bf16") -> float | None:
-    """Dense peak FLOP/s of one device for `dtype`, from `otel_train.peak_flops`' table.
+    """Dense peak FLOP/s of one device for `dtype`, from `otel_train.peak_table`' table.
 
     `device_name` defaults to CUDA's name of the current device. No CUDA device, unknown
     device or dtype: None, and one warning saying how to set it (MFU is then left out,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from otel_train.errors import OtelTrainError
 
 
-def is_positive_int(value: object) -> bool:
+def is_positive_int(value: object) -> TypeGuard[int]:
     """An int > 0; `True` is not a count."""
     return not isinstance(value, bool) and isinstance(value, int) and value > 0
 
@@ -14,4 +16,4 @@ def check_positive_int(name: str, value: object, *, qualifier: str = "") -> int:
     """`value`, or an OtelTrainError "<name> must be a positive int<qualifier>, got <value>"."""
     if not is_positive_int(value):
         raise OtelTrainError(f"{name} must be a positive int{qualifier}, got {value!r}")
-    return value  # type: ignore[return-value]  # checked just above
+    return value

@@ -105,3 +105,15 @@ def test_our_exporter_classes_implement_the_declared_hooks():
     for cls in (JsonLinesMetricExporter, OtlpExporter, PrometheusExporter):
         assert issubclass(cls, RunContextBindable), cls
     assert issubclass(PrometheusExporter, RankServer)
+
+
+def test_public_api_lists_what_users_need_and_no_function_shadows_a_module():
+    import otel_train.peak_table
+
+    assert "setup" in otel_train.__all__ and "testing" in otel_train.__all__
+    assert not {"RowBuilder", "StepSampledReader", "MetricRow"} & set(otel_train.__all__)
+    assert all(hasattr(otel_train, name) for name in otel_train.__all__)
+    assert callable(otel_train.peak_flops) and otel_train.peak_table.lookup_peak_flops
+    from otel_train import RowBuilder  # formerly exported: still importable
+
+    assert RowBuilder.__module__ == "otel_train.rows"
