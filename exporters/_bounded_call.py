@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_logger = logging.getLogger("otel_train.wandb")
+_logger = logging.getLogger(__name__)
 
 
 class CallTimedOut(TimeoutError):

@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 
+from otel_train.env import OTLP_INTERVAL_MILLIS
 from otel_train.errors import OtelTrainError
 from otel_train.reduction import with_scope
 from otel_train.run_context import RunContext
@@ -31,9 +32,9 @@ except ImportError as error:  # the optional extra is missing
         f'{error}; OTLP export needs: pip install "otel-train[otlp]"', name=error.name
     ) from error
 
-_logger = logging.getLogger("otel_train.otlp")
+_logger = logging.getLogger(__name__)
 
-INTERVAL_ENV = "OTEL_TRAIN_OTLP_INTERVAL_MILLIS"
+INTERVAL_ENV = OTLP_INTERVAL_MILLIS.name
 
 
 # The SDK exporter (and its HTTP client) log on this logger: one ERROR per failed batch and
@@ -190,18 +191,11 @@ def periodic_otlp_reader(
 
 def create_for_run(context: RunContext) -> MetricExporter | ForkSafePeriodicReader:
     """`exporters=("otlp",)`: every rank pushes its own series (the resource names the rank)."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
+    interval: float | None = OTLP_INTERVAL_MILLIS.read()
+    if interval is None:
         exporter = OtlpExporter()
         exporter.bind_run_context(context)
         return exporter
-    try:
-        interval = float(raw)
-    except ValueError:
-        raise OtelTrainError(
-            f"{INTERVAL_ENV}={raw!r} is not a number of milliseconds; e.g. 10000, or unset it "
-            "for step-sampled export"
-        ) from None
     reader = periodic_otlp_reader(export_interval_millis=interval)
     reader.bind_run_context(context)
     return reader

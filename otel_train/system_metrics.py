@@ -33,7 +33,7 @@ from otel_train.errors import OtelTrainError
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
-_logger = logging.getLogger("otel_train.system_metrics")
+_logger = logging.getLogger(__name__)
 
 # The import name of the `opentelemetry-instrumentation-system-metrics` distribution.
 _PACKAGE = "opentelemetry.instrumentation.system_metrics"
