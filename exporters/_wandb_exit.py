@@ -21,6 +21,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from otel_train._sdk_compat import wandb_service_process
+
 _logger = logging.getLogger("otel_train.wandb")
 
 EXIT_GRACE_SECONDS = 2.0  # after a shutdown() that had to leave a wandb call running
@@ -114,15 +116,6 @@ def _stop_after_grace(process: subprocess.Popen[bytes], grace: float) -> None:
 
 
 def service_process() -> subprocess.Popen[bytes] | None:
-    """The wandb-core process this process started, the one wandb's exit hook waits for.
-
-    wandb has no public handle on it; this follows wandb's own objects (0.2x:
-    `wandb_setup._singleton._connection._proc._process`) and gives None where they differ.
-    A service shared from a parent process (WANDB_SERVICE) is not ours and is not found.
-    """
-    # Never import wandb here: not imported means no service, and an import racing the one
-    # on our init thread could fail half-way.
-    wandb_setup = sys.modules.get("wandb.sdk.wandb_setup")
-    connection = getattr(getattr(wandb_setup, "_singleton", None), "_connection", None)
-    process = getattr(getattr(connection, "_proc", None), "_process", None)
-    return process if isinstance(process, subprocess.Popen) else None
+    """The wandb-core process this process started (None where it cannot be found); wandb
+    has no public handle on it, see `otel_train._sdk_compat.wandb_service_process`."""
+    return wandb_service_process()

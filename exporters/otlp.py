@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 
+from otel_train._sdk_compat import stop_periodic_reader_thread
 from otel_train.env import OTLP_INTERVAL_MILLIS
 from otel_train.errors import OtelTrainError
 from otel_train.reduction import with_scope
@@ -135,6 +136,7 @@ class ForkSafePeriodicReader(PeriodicExportingMetricReader):
                 f"export_interval_millis must be > 0, got {export_interval_millis!r}"
             )
         self._owner_pid = os.getpid()
+        self._wrapped = exporter
         super().__init__(
             exporter,
             export_interval_millis=export_interval_millis,
@@ -142,14 +144,14 @@ class ForkSafePeriodicReader(PeriodicExportingMetricReader):
         )
 
     def bind_run_context(self, context: RunContext) -> None:
-        bind = getattr(self._exporter, "bind_run_context", None)
+        bind = getattr(self._wrapped, "bind_run_context", None)
         if callable(bind):
             bind(context)
 
     def _at_fork_reinit(self) -> None:
-        # The SDK registers this with os.register_at_fork: in a forked child, start no thread.
-        self._daemon_thread = None  # type: ignore[assignment]
-        self._shutdown = True
+        # The SDK registers this with os.register_at_fork (its PERIODIC_READER_FORK_HOOK,
+        # checked in tests/unit/test_sdk_compat.py): in a forked child, start no thread.
+        stop_periodic_reader_thread(self)
 
     def _receive_metrics(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any):  # type: ignore[no-untyped-def]
         if os.getpid() != self._owner_pid:

@@ -10,18 +10,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
-from exporters._bounded_call import BoundedCall
-from exporters._wandb_exit import EXIT_GRACE_SECONDS, bound_process_exit, start_service_first
+from exporters._wandb_lifecycle import WandbRunLifecycle
 from exporters._wandb_run import (
-    LOGIN_HINT,
     StepAxis,
     StepAxisLog,
     WandbRunSpec,
@@ -77,12 +73,8 @@ class WandbMetricExporter(MetricExporter):
         namer: KeyNamer | None = None,
     ) -> None:
         super().__init__()
-        for label, value in (
-            ("init_timeout_seconds", init_timeout_seconds),
-            ("finish_timeout_seconds", finish_timeout_seconds),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise OtelTrainError(f"{label} must be a positive number of seconds, got {value!r}")
+        _check_seconds("init_timeout_seconds", init_timeout_seconds)
+        _check_seconds("finish_timeout_seconds", finish_timeout_seconds)
         self._spec = WandbRunSpec(
             project=project,
             entity=entity,
@@ -99,7 +91,6 @@ class WandbMetricExporter(MetricExporter):
         )
         self.rank_zero_only = rank_zero_only
         self.use_active_run = use_active_run
-        self._owns_run = True
         self.init_timeout_seconds = float(init_timeout_seconds)
         self.finish_timeout_seconds = float(finish_timeout_seconds)
         self._rows = RowBuilder(namer)
@@ -107,12 +98,13 @@ class WandbMetricExporter(MetricExporter):
         self._axis = StepAxisLog(StepAxis.from_namer(self._namer))
         self._context: RunContext | None = None
         self._active = True
-        self._lock = threading.Lock()
-        self._run: Any = None
-        self._broken: str | None = None
-        self._closed = False
-        self._starting: BoundedCall | None = None
-        self._finishing: BoundedCall | None = None
+        self._life = WandbRunLifecycle(
+            open_run=self._open_run,
+            on_started=self._remember_run_id,
+            mode=lambda: self._spec.mode,
+            init_timeout_seconds=self.init_timeout_seconds,
+            finish_timeout_seconds=self.finish_timeout_seconds,
+        )
         self._warned_log_failure = False
         self.failures = 0
 
@@ -141,11 +133,11 @@ class WandbMetricExporter(MetricExporter):
     @property
     def run(self) -> Any:
         """The wandb Run once started (None before the first export or after a failure)."""
-        return self._run
+        return self._life.run
 
     @property
     def failure_reason(self) -> str | None:
-        return self._broken
+        return self._life.broken
 
     @property
     def logged_rows(self) -> int:
@@ -187,24 +179,18 @@ class WandbMetricExporter(MetricExporter):
     ) -> MetricExportResult:
         if not self._active:
             return MetricExportResult.SUCCESS  # not this rank's job
-        if self._broken is not None or self._closed:
+        life = self._life
+        if life.broken is not None or life.closed:
             return MetricExportResult.FAILURE
         row = self._rows.build(metrics_data)
-        with self._lock:
-            run = self._run if self._run is not None else self._start()
+        with life.lock:
+            run = life.current_or_start()
             if run is None:
                 return MetricExportResult.FAILURE
             try:
                 self._axis.log(run, row.step, row.values, row.time)
             except Exception as error:  # wandb must never take training down
-                self.failures += 1
-                if not self._warned_log_failure:
-                    self._warned_log_failure = True
-                    _logger.error(
-                        "otel-train: wandb.log failed (%r); rows that fail are dropped and "
-                        "counted, training and the other exporters continue",
-                        error,
-                    )
+                self._count_log_failure(error)
                 return MetricExportResult.FAILURE
         return MetricExportResult.SUCCESS
 
@@ -214,66 +200,34 @@ class WandbMetricExporter(MetricExporter):
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """`run.finish()`, bounded: a hanging W&B cannot hold the process, at shutdown or at
         exit (see `exporters._wandb_exit`)."""
-        budget = min(self.finish_timeout_seconds, max(timeout_millis / 1000, 0.05))
-        self._closed = True  # later exports fail fast, even while an init still hangs
-        if not self._lock.acquire(timeout=budget):
-            _logger.error("otel-train: W&B is still starting at shutdown; not waiting for it")
-            return
-        try:
-            run, self._run = self._run, None
-            starting = self._starting
-            if run is None and starting is not None and self._broken is None:
-                # Started at setup but nothing exported yet: finish that run too. If it is still
-                # starting, it is finished whenever it comes up (if_late).
-                waited = time.monotonic() - starting.started
-                try:
-                    run = starting.result(waited + budget / 2)
-                except Exception as error:
-                    _logger.debug("otel-train: W&B run never came up before shutdown: %r", error)
-        finally:
-            self._lock.release()
-        if run is None or not self._owns_run:
-            return
-        self._finishing = BoundedCall(run.finish, "finish")
-        try:
-            self._finishing.result(budget)
-        except Exception as error:
-            _logger.error("otel-train: wandb finish failed or timed out (%r)", error)
+        self._life.shutdown(timeout_millis)
 
     # -- internals ------------------------------------------------------------------------
+    def _count_log_failure(self, error: Exception) -> None:
+        self.failures += 1
+        if not self._warned_log_failure:
+            self._warned_log_failure = True
+            _logger.error(
+                "otel-train: wandb.log failed (%r); rows that fail are dropped and "
+                "counted, training and the other exporters continue",
+                error,
+            )
+
     def _exit_grace(self) -> float | None:
-        """At interpreter exit: how long wandb's teardown may take for our run (None: no
-        bound needed). Past it, `exporters._wandb_exit` stops wandb's service."""
-        if not self._owns_run:
-            return None  # the user's run: its teardown is theirs
-        starting, finishing = self._starting, self._finishing
-        if any(call is not None and not call.done for call in (starting, finishing)):
-            # An init or finish that shutdown() gave up on, or an init still running at exit:
-            # W&B is unreachable. Rows already logged stay in wandb's local files (`wandb
-            # sync`), and every row is in the JSON lines (`otel-train sync`).
-            return EXIT_GRACE_SECONDS
-        if not self._closed and self._run is not None:
-            # Still open at exit (otel-train's exit flush did not reach us): wandb's teardown
-            # finishes our run; give it what our own finish would get.
-            return self.finish_timeout_seconds
-        return None
+        """At interpreter exit: how long wandb's teardown may take for our run (None: none)."""
+        return self._life.exit_grace()
 
     def _begin_start(self) -> None:
-        """Start W&B on a helper thread now (setup() calls this), so its ~1 s start-up (import,
-        the wandb-core process) overlaps the first steps instead of waiting for the first
-        export; the export thread then waits for it, bounded, and training never does."""
-        with self._lock:
-            if self._starting is None:
-                self._starting = BoundedCall(self._open_run, "init", if_late=self._finish_late)
+        self._life.begin()
 
     def _open_run(self) -> Any:
+        """On the helper thread (wandb's service already started): the user's active run when
+        asked for and present, else a new run of ours."""
         import wandb
 
-        start_service_first(self._spec.mode)
-        bound_process_exit(self._exit_grace)
         if self.use_active_run and wandb.run is not None:
             run = wandb.run
-            self._owns_run = False
+            self._life.owns_run = False
             if self._spec.config:
                 run.config.update(dict(self._spec.config), allow_val_change=True)
             define_step_metrics(run, StepAxis.from_namer(self._namer))
@@ -286,38 +240,11 @@ class WandbMetricExporter(MetricExporter):
         self._remember_identity(identity_from_run(run, self.run_spec()))
         return run
 
-    def _finish_late(self, run: Any) -> None:
-        if self._owns_run:
-            run.finish()
-
-    def _start(self) -> Any:
-        """On the export thread: wait (bounded) for the run the helper thread is opening."""
-        if self._starting is None:
-            self._starting = BoundedCall(self._open_run, "init", if_late=self._finish_late)
-        # A little more than W&B's own timeout: ours only matters if init hangs anyway.
-        bound = self.init_timeout_seconds + min(5.0, max(1.0, self.init_timeout_seconds))
-        try:
-            run = self._starting.result(bound)
-        except Exception as error:
-            self._broken = repr(error)
-            hint = (
-                'install it with pip install "otel-train[wandb]"'
-                if isinstance(error, ImportError)
-                else f"{LOGIN_HINT}; check the network"
-            )
-            _logger.error(
-                "otel-train: W&B could not start (%s); W&B logging is off for this run (%s). "
-                "Training and the other exporters continue.",
-                self._broken,
-                hint,
-            )
-            return None
-        self._run = run
+    def _remember_run_id(self, run: Any) -> None:
+        """Kept so that a resumed run (`resume=True`) continues the same W&B run."""
         run_id = getattr(run, "id", None)
         if self._context is not None and isinstance(run_id, str):
-            # Remembered so that a resumed run (`resume=True`) continues the same W&B run.
             write_text_atomically(self._context.run_dir / RUN_ID_FILE, run_id + "\n")
-        return run
 
     def _remember_identity(self, identity: Mapping[str, Any]) -> None:
         """Kept next to the JSON lines: what `otel-train sync` needs to replay this very run."""
@@ -325,6 +252,11 @@ class WandbMetricExporter(MetricExporter):
             axis = StepAxis.from_namer(self._namer).to_json()
             path = identity_file(self._context.run_dir, self._context.rank)
             write_identity(path, {**identity, "axis": axis})
+
+
+def _check_seconds(label: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise OtelTrainError(f"{label} must be a positive number of seconds, got {value!r}")
 
 
 def _all_ranks_from_env() -> bool:

@@ -28,6 +28,7 @@ from opentelemetry.metrics import (
 )
 from opentelemetry.util.types import Attributes
 
+from otel_train._sdk_compat import system_metrics_known_names
 from otel_train.errors import OtelTrainError
 
 if TYPE_CHECKING:
@@ -212,8 +213,8 @@ def _reject_unknown(config: Mapping[str, object]) -> None:
         system_metrics = importlib.import_module(_PACKAGE)
     except ImportError:
         return  # register_system_metrics says how to install it
-    known = getattr(system_metrics, "_DEFAULT_CONFIG", None)  # the metrics it can report
-    if not isinstance(known, Mapping):
+    known = system_metrics_known_names(system_metrics)  # the metrics it can report
+    if known is None:
         return
     unknown = sorted(set(config) - set(known))
     if unknown:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import wandb
 
 import otel_train
+import wandb
 from exporters.wandb import RUN_ID_FILE, WandbMetricExporter, create_for_run
 from otel_train.naming import KeyNamer
 from otel_train.run_context import RunContext
