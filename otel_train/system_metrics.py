@@ -81,6 +81,7 @@ class _GatedMeter(Meter):
                 continue
             if name.endswith(_SINCE_PREVIOUS_CALL_SUFFIX):
                 _prime(name, callback)
+                callback = _fractions_only(callback)
             gated.append(self._gate(callback))
         return gated
 
@@ -165,6 +166,17 @@ class _GatedMeterProvider(MeterProvider):
             return self._reader.sampled_callback(SYSTEM_METRICS_GROUP, callback)
 
         return _GatedMeter(meter, gate, self._created)
+
+
+def _fractions_only(callback: Callback) -> Callback:
+    """A utilisation is a fraction in [0, 1]. psutil's CPU times tick in 10 ms steps, so over
+    a short interval on a loaded host it can report 4.65: such a value is left out (absent),
+    never exported as an impossible number."""
+
+    def observe(options: CallbackOptions) -> Iterable[Any]:
+        return [o for o in callback(options) if 0.0 <= getattr(o, "value", 0.0) <= 1.0]
+
+    return observe
 
 
 def _prime(name: str, callback: Callback) -> None:
