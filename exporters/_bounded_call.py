@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_logger = logging.getLogger("otel_train.wandb")
+_logger = logging.getLogger(__name__)
 
 
 class CallTimedOut(TimeoutError):
@@ -55,6 +55,11 @@ class BoundedCall:
                 self._if_late(value)
             except Exception as error:
                 _logger.debug("otel-train: cleaning up a late wandb %s: %r", self.name, error)
+
+    @property
+    def done(self) -> bool:
+        """The call has returned or raised (including any `if_late` clean-up after it)."""
+        return not self._thread.is_alive()
 
     def result(self, bound_seconds: float) -> Any:
         """The return value, waiting until `bound_seconds` after the call started at most."""

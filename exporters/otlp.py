@@ -20,6 +20,8 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 
+from otel_train._sdk_compat import stop_periodic_reader_thread
+from otel_train.env import OTLP_INTERVAL_MILLIS
 from otel_train.errors import OtelTrainError
 from otel_train.reduction import with_scope
 from otel_train.run_context import RunContext
@@ -31,9 +33,9 @@ except ImportError as error:  # the optional extra is missing
         f'{error}; OTLP export needs: pip install "otel-train[otlp]"', name=error.name
     ) from error
 
-_logger = logging.getLogger("otel_train.otlp")
+_logger = logging.getLogger(__name__)
 
-INTERVAL_ENV = "OTEL_TRAIN_OTLP_INTERVAL_MILLIS"
+INTERVAL_ENV = OTLP_INTERVAL_MILLIS.name
 
 
 # The SDK exporter (and its HTTP client) log on this logger: one ERROR per failed batch and
@@ -134,6 +136,7 @@ class ForkSafePeriodicReader(PeriodicExportingMetricReader):
                 f"export_interval_millis must be > 0, got {export_interval_millis!r}"
             )
         self._owner_pid = os.getpid()
+        self._wrapped = exporter
         super().__init__(
             exporter,
             export_interval_millis=export_interval_millis,
@@ -141,14 +144,14 @@ class ForkSafePeriodicReader(PeriodicExportingMetricReader):
         )
 
     def bind_run_context(self, context: RunContext) -> None:
-        bind = getattr(self._exporter, "bind_run_context", None)
+        bind = getattr(self._wrapped, "bind_run_context", None)
         if callable(bind):
             bind(context)
 
     def _at_fork_reinit(self) -> None:
-        # The SDK registers this with os.register_at_fork: in a forked child, start no thread.
-        self._daemon_thread = None  # type: ignore[assignment]
-        self._shutdown = True
+        # The SDK registers this with os.register_at_fork (its PERIODIC_READER_FORK_HOOK,
+        # checked in tests/unit/test_sdk_compat.py): in a forked child, start no thread.
+        stop_periodic_reader_thread(self)
 
     def _receive_metrics(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any):  # type: ignore[no-untyped-def]
         if os.getpid() != self._owner_pid:
@@ -190,18 +193,11 @@ def periodic_otlp_reader(
 
 def create_for_run(context: RunContext) -> MetricExporter | ForkSafePeriodicReader:
     """`exporters=("otlp",)`: every rank pushes its own series (the resource names the rank)."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
+    interval: float | None = OTLP_INTERVAL_MILLIS.read()
+    if interval is None:
         exporter = OtlpExporter()
         exporter.bind_run_context(context)
         return exporter
-    try:
-        interval = float(raw)
-    except ValueError:
-        raise OtelTrainError(
-            f"{INTERVAL_ENV}={raw!r} is not a number of milliseconds; e.g. 10000, or unset it "
-            "for step-sampled export"
-        ) from None
     reader = periodic_otlp_reader(export_interval_millis=interval)
     reader.bind_run_context(context)
     return reader

@@ -35,6 +35,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from exporters._prometheus_data import classic, merged
 from exporters._scrape_server import ScrapeServer
 from otel_train.errors import OtelTrainError
 from otel_train.reduction import with_scope
@@ -44,8 +45,11 @@ try:
     # The OTel Prometheus exporter's translation (names, units, labels, target_info), used
     # as a pure function: MetricsData in, prometheus_client families out. Its reader is not
     # used: it collects on every scrape.
-    from opentelemetry.exporter.prometheus import _CustomCollector
     from prometheus_client.exposition import generate_latest
+
+    from otel_train._sdk_compat import prometheus_translator_class
+
+    _PrometheusTranslator = prometheus_translator_class()
 except ImportError as error:  # pragma: no cover - exercised by the loader's warning path
     raise ImportError(
         f'{error}; the Prometheus exporter needs: pip install "otel-train[prometheus]"'
@@ -228,7 +232,10 @@ class PrometheusExporter(MetricExporter):
                 for scope_metrics in resource_metrics.scope_metrics:
                     scope = scope_metrics.scope
                     for metric in scope_metrics.metrics:
-                        self._latest[(scope.name, metric.name)] = (scope, metric)
+                        key = (scope.name, metric.name)
+                        previous = self._latest.get(key)
+                        shaped = merged(previous[1] if previous else None, classic(metric))
+                        self._latest[key] = (scope, shaped)
             self._version += 1
         return MetricExportResult.SUCCESS
 
@@ -291,7 +298,7 @@ def _render(
     data = MetricsData([ResourceMetrics(resource, scopes, "")])
     # Scope labels (otel_scope_*) are off: our instruments share one scope, and empty labels
     # only clutter legends; target_info still carries the full resource.
-    collector = _CustomCollector(
+    collector = _PrometheusTranslator(
         scope_info_enabled=False, resource_attribute_filter=resource_labels.__contains__
     )
     collector.add_metrics_data(data)

@@ -1,13 +1,17 @@
-"""Every use of an opentelemetry-sdk private attribute, in one place, checked against the SDK.
+"""Every use of a third-party private attribute, in one place, checked against the package.
 
-The SDK keeps some facts we need behind underscores (an instrument's bucket advisory). Each
-accessor below fails loudly in tests (tests/unit/test_sdk_compat.py) when an SDK release
-moves it, instead of silently changing what we export.
+The OTel SDK, its Prometheus exporter, the system-metrics instrumentation and wandb keep some
+things we need behind underscores. Each accessor below is exercised by
+tests/unit/test_sdk_compat.py, which fails loudly, naming the attribute and the version it was
+checked on (`CHECKED_ON`), when a release moves it, instead of silently changing what we do.
+Third-party packages other than the SDK are imported lazily, where the accessor is called.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
@@ -17,6 +21,17 @@ from opentelemetry.sdk.metrics.view import (
     ExponentialBucketHistogramAggregation,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+# The releases each accessor below was written against (what DESIGN.md's facts were checked on).
+CHECKED_ON: Mapping[str, str] = {
+    "opentelemetry-sdk": "1.45.2",
+    "opentelemetry-exporter-prometheus": "0.66b2",
+    "opentelemetry-instrumentation-system-metrics": "0.66b2",
+    "wandb": "0.31.0",
+}
+# PeriodicExportingMetricReader internals a subclass relies on to start no thread in a
+# forked child: the hook the SDK registers with os.register_at_fork, and what it restarts.
+PERIODIC_READER_FORK_HOOK = "_at_fork_reinit"
 
 
 def explicit_buckets_of(instrument: Any) -> Any:
@@ -103,3 +118,41 @@ def sdk_instrument_names(provider: Any) -> list[str]:
 def sdk_instrument_count(provider: Any) -> int:
     """How many instruments an SDK MeterProvider holds (cheap: a few `len`s)."""
     return sum(len(meter._instrument_id_instrument) for meter in list(provider._meters.values()))
+
+
+def prometheus_translator_class() -> Any:
+    """The OTel Prometheus exporter's translation (names, units, labels, target_info) as a pure
+    function: a collector that takes MetricsData and yields prometheus_client families.
+    Private in the package (`_CustomCollector`); ImportError when the package is missing."""
+    from opentelemetry.exporter.prometheus import _CustomCollector
+
+    return _CustomCollector
+
+
+def stop_periodic_reader_thread(reader: Any) -> None:
+    """In a forked child, from the reader's PERIODIC_READER_FORK_HOOK: start no export thread
+    (the SDK's hook would restart one, re-exporting the parent's values) and export nothing."""
+    reader._daemon_thread = None  # SDK private: the thread the fork hook restarts
+    reader._shutdown = True  # SDK private: makes collect() and shutdown() no-ops
+
+
+def system_metrics_known_names(module: Any) -> Mapping[str, Any] | None:
+    """The metric names opentelemetry-instrumentation-system-metrics can report (its private
+    `_DEFAULT_CONFIG`), or None where a release no longer has it (then names go unchecked)."""
+    known = getattr(module, "_DEFAULT_CONFIG", None)
+    return known if isinstance(known, Mapping) else None
+
+
+def wandb_service_process() -> subprocess.Popen[bytes] | None:
+    """The wandb-core process this process started, the one wandb's exit hook waits for.
+
+    wandb has no public handle on it; this follows wandb's own objects (0.2x-0.31:
+    `wandb_setup._singleton._connection._proc._process`) and gives None where they differ.
+    A service shared from a parent process (WANDB_SERVICE) is not ours and is not found.
+    """
+    # Never import wandb here: not imported means no service, and an import racing the one
+    # on our init thread could fail half-way.
+    wandb_setup = sys.modules.get("wandb.sdk.wandb_setup")
+    connection = getattr(getattr(wandb_setup, "_singleton", None), "_connection", None)
+    process = getattr(getattr(connection, "_proc", None), "_process", None)
+    return process if isinstance(process, subprocess.Popen) else None

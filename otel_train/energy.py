@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from otel_train.gpu import NvmlReader
     from otel_train.telemetry import Telemetry
 
-_logger = logging.getLogger("otel_train.energy")
+_logger = logging.getLogger(__name__)
 
 JOULES_PER_TOKEN = "perf.joules_per_token"
 

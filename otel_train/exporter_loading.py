@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from otel_train.errors import ExporterClashError, OtelTrainError
+from otel_train.exporter_contract import ExporterFactory
 from otel_train.run_context import RunContext
 
-_logger = logging.getLogger("otel_train.setup")
+_logger = logging.getLogger(__name__)
 
 EXPORTER_MODULES: Mapping[str, str] = {
     "jsonl": "exporters.jsonl",
@@ -53,6 +54,8 @@ def create_named_exporter(name: str, context: RunContext) -> Any | None:
     module_name = EXPORTER_MODULES[name]
     try:
         module = _import_ours(module_name)
+        if not isinstance(module, ExporterFactory):
+            raise OtelTrainError(f"{module_name} has no create_for_run(context) factory")
         return module.create_for_run(context)
     except ExporterClashError:
         raise

@@ -21,7 +21,7 @@ from otel_train.errors import OtelTrainError
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
-_logger = logging.getLogger("otel_train.flop_counter")
+_logger = logging.getLogger(__name__)
 
 
 def _cpu_attention_formulas() -> dict[Any, Any]:
@@ -113,11 +113,6 @@ class StepFlopCounter:
         _logger.info(
             "otel-train: measured %.4g FLOPs per step (step %d)", self.flops_per_step, measured + 1
         )
-
-    def finish_if_measuring(self) -> None:
-        """End a measurement still open (e.g. the run stopped after its first step)."""
-        if self._mode is not None:
-            self._finish()
 
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._mode is not None and self._telemetry.last_step != self._measuring_step:

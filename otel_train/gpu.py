@@ -23,7 +23,7 @@ from otel_train.energy import JOULES_PER_TOKEN, bare_uuid, register_joules_per_t
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
-_logger = logging.getLogger("otel_train.gpu")
+_logger = logging.getLogger(__name__)
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from otel_train.errors import OtelTrainError
+from otel_train.validation import is_positive_int
 
-_logger = logging.getLogger("otel_train.model_flops")
+_logger = logging.getLogger(__name__)
 
 _LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 _HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model")
@@ -123,7 +124,7 @@ def _as_count(name: str, value: Any) -> int | None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_positive_int(value):
         raise OtelTrainError(f"{name} must be a positive whole number, got {value!r}")
     return value
 

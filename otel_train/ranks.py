@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
+
+from otel_train.env import launcher_int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -13,19 +14,9 @@ class RankInfo:
     local_rank: int = 0
     world_size: int = 1
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+    return launcher_int(name)
 
 
 def detect_ranks() -> RankInfo:

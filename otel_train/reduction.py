@@ -28,7 +28,7 @@ from opentelemetry.sdk.metrics.export import (
 
 from otel_train.catalog import STANDARD_INSTRUMENTS
 
-_logger = logging.getLogger("otel_train.reduction")
+_logger = logging.getLogger(__name__)
 
 # A fixed slot order, identical on every rank: the packed vector must line up element-wise.
 # From the catalog: "mean" reductions (loss, lr, grad norm, epoch), "sum" ones (tokens, ...).

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otel_train.env import OUTPUT_DIR
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 
@@ -52,7 +53,7 @@ def file_safe_run_name(run: str) -> str:
 
 def output_dir_from(output_dir: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
     """Argument > OTEL_TRAIN_OUTPUT_DIR > ./runs: one rule for setup() and env-only exporters."""
-    return Path(output_dir or env.get("OTEL_TRAIN_OUTPUT_DIR") or "runs")
+    return Path(output_dir or OUTPUT_DIR.read(env) or "runs")
 
 
 def run_dir_for(output_dir: Path, run: str) -> Path:

@@ -20,7 +20,7 @@ from otel_train.errors import OtelTrainError
 from otel_train.run_lines import MAX_LINE_BYTES as MAX_LINE_BYTES  # re-exported
 from otel_train.run_lines import BadLines, bounded_lines
 
-_logger = logging.getLogger("otel_train.runs")
+_logger = logging.getLogger(__name__)
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 

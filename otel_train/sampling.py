@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from opentelemetry.sdk.metrics.view import Aggregation, View
 
 from otel_train.errors import OtelTrainError
+from otel_train.validation import check_positive_int, is_positive_int
 
 # Defaults from the field: cheap scalars often, throughput less often, GPU probes rarely.
 DEFAULT_INTERVALS: Mapping[str, int] = {"train": 10, "perf": 20, "gpu": 50}
@@ -50,13 +51,11 @@ class SamplingView:
             raise OtelTrainError(
                 "SamplingView.instrument_name must be a non-empty name or wildcard, e.g. 'train.*'"
             )
-        interval = self.every_n_steps
-        if interval is not None and (
-            isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0
-        ):
-            raise OtelTrainError(
-                f"every_n_steps for {self.instrument_name!r} must be a positive int "
-                f"(or None for an event group), got {interval!r}"
+        if self.every_n_steps is not None:
+            check_positive_int(
+                f"every_n_steps for {self.instrument_name!r}",
+                self.every_n_steps,
+                qualifier=" (or None for an event group)",
             )
 
     @property
@@ -80,7 +79,7 @@ class SamplingView:
 def _check_interval(group: str, interval: object) -> int | None:
     if interval is None:
         return None
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+    if not is_positive_int(interval):
         raise OtelTrainError(
             f"intervals[{group!r}] must be a positive int number of steps, got {interval!r}; "
             "e.g. intervals={'train': 10, 'perf': 20, 'gpu': 50}"

@@ -263,16 +263,24 @@ class StagedHistogram(StagedInstrument, Histogram):
     def record(
         self, amount: Any, attributes: Mapping[str, Any] | None = None, context: Any = None
     ) -> None:
+        if type(amount) in (int, float) and amount < 0:
+            raise OtelTrainError(
+                f"{self.staged_name} is a histogram and OpenTelemetry histograms take values "
+                f">= 0; got {amount}. Record signed values (e.g. a reward margin) on a gauge, "
+                "or their magnitude here."
+            )
         self._stage(amount, attributes)
 
     def apply(self, key: AttributeKey, taken: list[float], sink: RecordSink) -> None:
         attributes = self.attributes.get(key)
         record = self.sdk.record
         for value in taken:
-            if value - value == 0.0:  # finite
-                record(value, attributes)
-            else:
+            if value - value != 0.0:  # NaN or inf
                 sink.rejected(self.staged_name, value, "not finite", count_only=True)
+            elif value < 0:  # the SDK drops these with a warning per value
+                sink.rejected(self.staged_name, value, "negative: OTel histograms take >= 0")
+            else:
+                record(value, attributes)
 
 
 _CLASSES: Mapping[str, type[StagedInstrument]] = {

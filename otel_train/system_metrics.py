@@ -28,12 +28,13 @@ from opentelemetry.metrics import (
 )
 from opentelemetry.util.types import Attributes
 
+from otel_train._sdk_compat import system_metrics_known_names
 from otel_train.errors import OtelTrainError
 
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
-_logger = logging.getLogger("otel_train.system_metrics")
+_logger = logging.getLogger(__name__)
 
 # The import name of the `opentelemetry-instrumentation-system-metrics` distribution.
 _PACKAGE = "opentelemetry.instrumentation.system_metrics"
@@ -80,6 +81,7 @@ class _GatedMeter(Meter):
                 continue
             if name.endswith(_SINCE_PREVIOUS_CALL_SUFFIX):
                 _prime(name, callback)
+                callback = _fractions_only(callback)
             gated.append(self._gate(callback))
         return gated
 
@@ -166,6 +168,17 @@ class _GatedMeterProvider(MeterProvider):
         return _GatedMeter(meter, gate, self._created)
 
 
+def _fractions_only(callback: Callback) -> Callback:
+    """A utilisation is a fraction in [0, 1]. psutil's CPU times tick in 10 ms steps, so over
+    a short interval on a loaded host it can report 4.65: such a value is left out (absent),
+    never exported as an impossible number."""
+
+    def observe(options: CallbackOptions) -> Iterable[Any]:
+        return [o for o in callback(options) if 0.0 <= getattr(o, "value", 0.0) <= 1.0]
+
+    return observe
+
+
 def _prime(name: str, callback: Callback) -> None:
     try:
         for _ in callback(CallbackOptions()):
@@ -212,8 +225,8 @@ def _reject_unknown(config: Mapping[str, object]) -> None:
         system_metrics = importlib.import_module(_PACKAGE)
     except ImportError:
         return  # register_system_metrics says how to install it
-    known = getattr(system_metrics, "_DEFAULT_CONFIG", None)  # the metrics it can report
-    if not isinstance(known, Mapping):
+    known = system_metrics_known_names(system_metrics)  # the metrics it can report
+    if known is None:
         return
     unknown = sorted(set(config) - set(known))
     if unknown:

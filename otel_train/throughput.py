@@ -2,7 +2,7 @@
 
 FLOPs per token are analytic, by stage (`otel_train.model_flops`: 6N + 12*L*H*T per trained
 token, PaLM appendix B, plus a reference forward for DPO and a forward-only generation phase
-for PPO / GRPO); the peak comes from `otel_train.peak_flops`' table or the caller.
+for PPO / GRPO); the peak comes from `otel_train.peak_table`' table or the caller.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from otel_train import env as env_vars
 from otel_train.errors import OtelTrainError
 from otel_train.model_flops import STAGE_PASSES, stage_flops_per_token
 from otel_train.model_flops import flops_per_token as flops_per_token  # its former home
-from otel_train.peak_flops import lookup_peak_flops, warn_no_device_once, warn_unknown_once
+from otel_train.peak_table import lookup_peak_flops, warn_no_device_once, warn_unknown_once
 from otel_train.ranks import detect_ranks
 from otel_train.rates import ThroughputSettings
+from otel_train.validation import check_positive_int
 
-_logger = logging.getLogger("otel_train.throughput")
+_logger = logging.getLogger(__name__)
 
 DeepSpeedConfig = Mapping[str, Any] | str | os.PathLike[str]
 
@@ -56,8 +58,7 @@ def _config_int(config: Mapping[str, Any], key: str, given: int | None) -> int |
                 f"{_KWARG_FOR[key]}=...)) or write a number in the config."
             )
         return given
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise OtelTrainError(f"deepspeed_config {key} must be a positive int, got {value!r}")
+    check_positive_int(f"deepspeed_config {key}", value)
     if given is not None and given != value:
         raise OtelTrainError(
             f"deepspeed_config {key}={value} disagrees with {_KWARG_FOR[key]}={given}; "
@@ -74,8 +75,8 @@ _KWARG_FOR = {
 
 
 def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise OtelTrainError(f"{name} must be a positive int, got {value!r}")
+    if value is not None:
+        check_positive_int(name, value)
 
 
 def effective_batch_size(
@@ -131,7 +132,7 @@ def effective_batch_size(
 
 
 def peak_flops(device_name: str | None = None, dtype: object = "bf16") -> float | None:
-    """Dense peak FLOP/s of one device for `dtype`, from `otel_train.peak_flops`' table.
+    """Dense peak FLOP/s of one device for `dtype`, from `otel_train.peak_table`' table.
 
     `device_name` defaults to CUDA's name of the current device. No CUDA device, unknown
     device or dtype: None, and one warning saying how to set it (MFU is then left out,
@@ -238,7 +239,7 @@ def _resolve_peak(value: float | str | None, dtype: object, *, wants_mfu: bool) 
         if not value > 0:
             raise OtelTrainError(f"peak_flops must be > 0 FLOP/s, got {value!r}")
         return float(value)
-    peak = _env_peak_flops()
+    peak: float | None = env_vars.PEAK_FLOPS.read()
     if peak is not None or not wants_mfu:
         return peak
     device = _current_cuda_device_name()
@@ -259,16 +260,3 @@ def _resolve_peak(value: float | str | None, dtype: object, *, wants_mfu: bool) 
             "to look up this GPU's peak FLOP/s, or peak_flops=<FLOP/s>"
         )
     return None
-
-
-def _env_peak_flops() -> float | None:
-    raw = os.environ.get("OTEL_TRAIN_PEAK_FLOPS")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise OtelTrainError(f"OTEL_TRAIN_PEAK_FLOPS={raw!r} is not a number (FLOP/s)") from None
-    if value <= 0:
-        raise OtelTrainError(f"OTEL_TRAIN_PEAK_FLOPS must be > 0, got {raw!r}")
-    return value

@@ -89,6 +89,10 @@ class WandbRun:
     """What a `.wandb` file says about one run, decoded."""
 
     run_id: str = ""
+    project: str = ""
+    entity: str = ""
+    name: str = ""
+    notes: str = ""
     group: str = ""
     job_type: str = ""
     tags: list[str] = field(default_factory=list)
@@ -107,6 +111,10 @@ def read_run(path: Path) -> WandbRun:
         run.kinds.append(str(kind))
         if kind == "run":
             run.run_id = record.run.run_id
+            run.project = record.run.project
+            run.entity = record.run.entity
+            run.name = record.run.display_name
+            run.notes = record.run.notes
             run.group = record.run.run_group
             run.job_type = record.run.job_type
             run.tags = list(record.run.tags)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from otel_train.run_context import RunContext, file_safe_run_name
 DEFAULT_EXPORTERS = "jsonl,prometheus,wandb"
 PROMETHEUS_PORT_ENV = "OTEL_TRAIN_PROMETHEUS_PORT"
 PROMETHEUS_DEFAULT_PORT = 9464
+PEAK_LR = 3e-3
 
 
 def add_parser(commands: Any) -> None:
@@ -186,36 +187,17 @@ def _checked_options(args: argparse.Namespace) -> tuple[list[str], dict[str, int
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import torch
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-        from rich.table import Table
-    except ImportError as error:
-        raise ImportError(
-            f'{error}; the demo needs: pip install "torch==2.13.0" "otel-train[cli]"'
-        ) from error
+    _require_demo_extras()
+    from rich.console import Console
 
     import otel_train
-    from otel_train.cli import tiny_gpt
 
     console = Console()
     names, intervals, run_name, run_dir = _checked_options(args)
     notes = _prepare_backends(names, run_dir)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = tiny_gpt.TinyGptConfig()
-    model, optimizer, sampler = tiny_gpt.build(config, device, seed=args.seed)
-    peak_lr = 3e-3
-    console.print(
-        f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
-        f"on {device.type}; finding the device's matmul peak for MFU..."
-    )
-    peak_flops, peak_source = tiny_gpt.demo_peak_flops(device)
-    console.print(f"MFU denominator: {peak_flops / 1e9:,.0f} GFLOP/s ({peak_source})")
+    demo = _build_demo_model(args.seed, console)
     latest = LatestValuesExporter()
-    train_bytes = len(sampler.train_data)
-
+    config = demo.config
     with otel_train.setup(
         run=run_name,
         stage=args.stage,
@@ -223,59 +205,121 @@ def run(args: argparse.Namespace) -> int:
         exporters=[*names, latest],
         intervals=intervals,
         total_steps=args.steps,
-        config={"model": "tiny-gpt", **asdict(config), "lr": peak_lr, "seed": args.seed},
-        model=model,
+        config={"model": "tiny-gpt", **asdict(config), "lr": PEAK_LR, "seed": args.seed},
+        model=demo.model,
         seq_len=config.seq_len,
         # The demo trains plainly whatever --stage says: 6N + 12LHT, no reference forward.
-        flops_per_token=otel_train.flops_per_token(model, seq_len=config.seq_len),
-        peak_flops=peak_flops,
+        flops_per_token=otel_train.flops_per_token(demo.model, seq_len=config.seq_len),
+        peak_flops=demo.peak_flops,
     ) as tel:
-        progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn(
-                "loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"
-            ),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        with progress:
-            task = progress.add_task("train", total=args.steps, loss="-", tps="-", mfu="-")
-            for step in range(1, args.steps + 1):
-                lr = _lr_at(step, args.steps, peak_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, grad_norm = tiny_gpt.train_step(model, optimizer, sampler.batch())
-                tel.training.record(
-                    loss=loss,
-                    learning_rate=lr,
-                    grad_norm=grad_norm,
-                    tokens=sampler.tokens_per_batch,
-                    samples=config.batch_size,
-                    epoch=step * sampler.tokens_per_batch / train_bytes,
-                )
-                tel.step(step)
-                if step % args.eval_every == 0 or step == args.steps:
-                    tel.evaluate(loss=tiny_gpt.eval_loss(model, sampler))
-                values = latest.values
-                progress.update(
-                    task,
-                    advance=1,
-                    loss=_fmt(values.get("train/loss"), "{:.3f}"),
-                    tps=_fmt(values.get("perf/tokens_per_second"), "{:,.0f}"),
-                    mfu=_fmt(values.get("perf/mfu"), "{:.1%}"),
-                )
+        _train(tel, demo, args, latest, console)
         tel.flush()
         if "prometheus_url" in notes:
             served = _scrape(notes["prometheus_url"])
             notes["prometheus_samples"] = "" if served is None else str(served)
         jsonl_path = tel.context.run_dir / f"rank{tel.context.rank}.jsonl"
-    stats = tel.export_stats()
+    lines = jsonl_path.read_text().count("\n") if jsonl_path.exists() else 0
+    console.print(_closing_table(names, notes, run_dir, jsonl_path, lines, tel.export_stats()))
+    return 0 if lines > 0 else 1
+
+
+def _require_demo_extras() -> None:
+    """torch and rich, or an ImportError naming the install command, before anything runs."""
+    try:
+        import rich  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f'{error}; the demo needs: pip install "torch==2.13.0" "otel-train[cli]"'
+        ) from error
+
+
+@dataclass(frozen=True, slots=True)
+class _DemoModel:
+    config: Any  # tiny_gpt.TinyGptConfig
+    model: Any
+    optimizer: Any
+    sampler: Any
+    peak_flops: float
+
+
+def _build_demo_model(seed: int, console: Any) -> _DemoModel:
+    """The tiny GPT on the best device here, and that device's measured matmul peak (MFU)."""
+    import torch
+
+    from otel_train.cli import tiny_gpt
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = tiny_gpt.TinyGptConfig()
+    model, optimizer, sampler = tiny_gpt.build(config, device, seed=seed)
+    console.print(
+        f"[bold]otel-train demo[/]: tiny GPT, {tiny_gpt.parameter_count(model):,} parameters, "
+        f"on {device.type}; finding the device's matmul peak for MFU..."
+    )
+    peak_flops, peak_source = tiny_gpt.demo_peak_flops(device)
+    console.print(f"MFU denominator: {peak_flops / 1e9:,.0f} GFLOP/s ({peak_source})")
+    return _DemoModel(config, model, optimizer, sampler, peak_flops)
+
+
+def _train(
+    tel: Any, demo: _DemoModel, args: argparse.Namespace, latest: LatestValuesExporter, console: Any
+) -> None:
+    """The training loop, recording through otel-train; the bar shows what it exported."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from otel_train.cli import tiny_gpt
+
+    sampler, steps = demo.sampler, args.steps
+    train_bytes = len(sampler.train_data)
+    progress = Progress(
+        TextColumn("[bold]step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("train", total=steps, loss="-", tps="-", mfu="-")
+        for step in range(1, steps + 1):
+            lr = _lr_at(step, steps, PEAK_LR)
+            for group in demo.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = tiny_gpt.train_step(demo.model, demo.optimizer, sampler.batch())
+            tel.training.record(
+                loss=loss,
+                learning_rate=lr,
+                grad_norm=grad_norm,
+                tokens=sampler.tokens_per_batch,
+                samples=demo.config.batch_size,
+                epoch=step * sampler.tokens_per_batch / train_bytes,
+            )
+            tel.step(step)
+            if step % args.eval_every == 0 or step == steps:
+                tel.evaluate(loss=tiny_gpt.eval_loss(demo.model, sampler))
+            values = latest.values
+            progress.update(
+                task,
+                advance=1,
+                loss=_fmt(values.get("train/loss"), "{:.3f}"),
+                tps=_fmt(values.get("perf/tokens_per_second"), "{:,.0f}"),
+                mfu=_fmt(values.get("perf/mfu"), "{:.1%}"),
+            )
+
+
+def _closing_table(
+    names: list[str],
+    notes: dict[str, str],
+    run_dir: Path,
+    jsonl_path: Path,
+    lines: int,
+    stats: dict[str, Any],
+) -> Any:
+    """Where everything went: one row per backend, the export stats, the next command."""
+    from rich.table import Table
 
     table = Table(title="Where everything went", show_lines=False)
     table.add_column("backend")
     table.add_column("where")
-    lines = jsonl_path.read_text().count("\n") if jsonl_path.exists() else 0
     table.add_row("JSON lines", f"{jsonl_path} ({lines} lines)")
     if "prometheus" in names:
         url = notes.get("prometheus_url", "")
@@ -295,8 +339,7 @@ def run(args: argparse.Namespace) -> int:
         )
     table.add_row("export stats", ", ".join(f"{k}: {v}" for k, v in stats.items()) or "-")
     table.add_row("next", f"otel-train report {run_dir}")
-    console.print(table)
-    return 0 if lines > 0 else 1
+    return table
 
 
 def _fmt(value: float | None, spec: str) -> str:

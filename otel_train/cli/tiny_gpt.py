@@ -148,7 +148,7 @@ def demo_peak_flops(device: torch.device) -> tuple[float, str]:
     (or TF32, when torch lets matmuls use it) peak, the honest denominator; measured only
     when the table lacks the chip. A CPU: measured, as it has no datasheet entry."""
     if device.type == "cuda":
-        from otel_train.peak_flops import lookup_peak_flops
+        from otel_train.peak_table import lookup_peak_flops
 
         name = torch.cuda.get_device_name(device)
         dtype = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"

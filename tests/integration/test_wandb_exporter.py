@@ -25,13 +25,24 @@ pytestmark = pytest.mark.integration
 TRAIN_KEYS = {
     "train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/global_step",
     "train/perplexity", "train/num_input_tokens_seen", "train/samples",
-    "train/loss_max", "train/grad_norm_max",
+    "train/loss_max", "train/grad_norm_max", "train/nonfinite",
 }  # fmt: skip
 PERF_KEYS = {
     "perf/step_time", "perf/step_time_p50", "perf/step_time_p95", "perf/tokens_per_second",
     "perf/samples_per_second", "perf/steps_per_second", "perf/eta_minutes",
     "perf/flops_per_second", "perf/mfu", "perf/mfu_percent",
 }  # fmt: skip
+
+
+def health_keys(*exporters: str) -> set[str]:
+    """Export health counters, exported with perf from 0 on (Prometheus practice)."""
+    return {
+        f"otel_train/export_{kind}/exporter_{name}"
+        for kind in ("dropped", "failed")
+        for name in exporters
+    }
+
+
 EVAL_KEYS = {"eval/loss", "eval/perplexity", "eval/best_perplexity"}
 EPOCH_KEYS = {
     "epoch/number", "epoch/steps", "epoch/tokens", "epoch/samples", "epoch/duration",
@@ -146,7 +157,7 @@ def test_offline_run_file_holds_sampled_rows_on_one_step_axis(
     for step, row in zip(run.history_steps, run.history, strict=True):
         expected = set(TRAIN_KEYS)
         if step % 20 == 0:
-            expected |= PERF_KEYS
+            expected |= PERF_KEYS | health_keys("jsonl", "wandb")
         if step % 100 == 0:
             expected |= EVAL_KEYS
         if step == 200:
@@ -202,7 +213,8 @@ def test_pretrain_sft_and_dpo_runs_produce_the_same_keys(tmp_path: Path, wandb_e
         key_sets[stage] = set().union(*(user_keys(row) for row in run.history))
         key_sets[stage] |= {k for k in run.summary if k.startswith("final/")}
     assert key_sets["pretrain"] == key_sets["sft"]
-    assert TRAIN_KEYS | PERF_KEYS | EVAL_KEYS | EPOCH_KEYS | FINAL_KEYS == key_sets["sft"]
+    health = health_keys("WandbMetricExporter")
+    assert TRAIN_KEYS | PERF_KEYS | health | EVAL_KEYS | EPOCH_KEYS | FINAL_KEYS == key_sets["sft"]
     # A DPO loss is no token cross-entropy: the same keys, less every perplexity.
     assert key_sets["dpo"] == {k for k in key_sets["sft"] if "perplexity" not in k}
 

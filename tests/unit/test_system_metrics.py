@@ -61,9 +61,10 @@ def test_process_and_host_metrics_reach_json_lines_on_gpu_steps_only(tmp_path):
     assert sorted(rows) == [4, 8, 10, 12, 16, 20]
     for step in (4, 8, 12, 16):
         assert not any(key.startswith(("process/", "system/")) for key in rows[step])
-    assert PROCESS_KEYS | HOST_KEYS <= set(rows[20])
+    always = (PROCESS_KEYS - {"process/cpu_utilization"}) | HOST_KEYS
+    assert always <= set(rows[20])
     gpu_row = rows[10]
-    assert PROCESS_KEYS | HOST_KEYS <= set(gpu_row)
+    assert always <= set(gpu_row)
     # Network I/O per NIC, OTel's device/direction attributes in the key.
     nics = {key for key in gpu_row if key.startswith("system/network_io/")}
     assert "system/network_io/device_lo_direction_receive" in nics
@@ -71,7 +72,9 @@ def test_process_and_host_metrics_reach_json_lines_on_gpu_steps_only(tmp_path):
     rss = psutil.Process().memory_info().rss
     assert rss / 2 < gpu_row["process/memory_usage"] < rss * 2
     assert 0 < gpu_row["system/memory_utilization/state_used"] < 1
-    assert 0 <= gpu_row["process/cpu_utilization"] <= 1
+    # a fraction, or absent when psutil's 10 ms ticks made a short interval read impossible
+    for row in (rows[10], rows[20]):
+        assert 0 <= row.get("process/cpu_utilization", 0.0) <= 1
     # The subset is small on any host: no per-CPU or per-disk series.
     assert not any(key.startswith(("system/cpu", "system/disk")) for key in gpu_row)
 

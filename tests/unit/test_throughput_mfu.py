@@ -137,7 +137,7 @@ def test_peak_flops_table_matches_driver_names_and_dtypes():
 
 
 def test_unknown_device_or_dtype_gives_none_and_one_warning_naming_the_option(caplog):
-    with caplog.at_level(logging.WARNING, logger="otel_train.peak_flops"):
+    with caplog.at_level(logging.WARNING, logger="otel_train.peak_table"):
         assert peak_flops("Imaginary Accelerator 9000", "bf16") is None
         assert peak_flops("Imaginary Accelerator 9000", "bf16") is None
         assert peak_flops("Tesla V100-SXM2-16GB", "bf16") is None  # V100 has no bf16 cores

@@ -122,7 +122,7 @@ def test_missing_wandb_package_is_reported_once_and_jsonl_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
-    with caplog.at_level(logging.WARNING, logger="otel_train.setup"):
+    with caplog.at_level(logging.WARNING, logger="otel_train.exporter_loading"):
         tel = otel_train.setup(run="r", output_dir=tmp_path, exporters=("jsonl", "wandb"))
     with tel:
         for step in range(1, 21):

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-_logger = logging.getLogger("otel_train.peak_flops")
+_logger = logging.getLogger(__name__)
 
 _T = 1e12
 _H100_SXM = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"

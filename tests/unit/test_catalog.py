@@ -9,9 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from opentelemetry.sdk.metrics import MeterProvider
-
-from otel_train._sdk_compat import explicit_buckets_of
 from otel_train.catalog import RECORD_KEYWORDS, STANDARD_INSTRUMENTS, markdown_table
 from otel_train.instruments import RECORDABLE
 
@@ -25,14 +22,6 @@ def test_readme_metric_table_is_the_catalog():
 def test_record_keywords_come_from_the_catalog():
     assert RECORDABLE == RECORD_KEYWORDS
     assert set(RECORD_KEYWORDS) == {s.keyword for s in STANDARD_INSTRUMENTS if s.keyword}
-
-
-def test_sdk_still_keeps_the_bucket_advisory_where_we_read_it():
-    meter = MeterProvider().get_meter("compat")
-    with_buckets = meter.create_histogram("a", explicit_bucket_boundaries_advisory=[1.0, 2.0])
-    without = meter.create_histogram("b")
-    assert list(explicit_buckets_of(with_buckets)) == [1.0, 2.0]
-    assert explicit_buckets_of(without) is None
 
 
 def test_install_global_makes_any_librarys_get_meter_record_staged(tmp_path):
