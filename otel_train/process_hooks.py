@@ -8,7 +8,6 @@ import atexit
 import logging
 import os
 import signal
-import weakref
 from typing import TYPE_CHECKING
 
 from otel_train.signals import install_signal_flush
@@ -18,7 +17,10 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-_live: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+# Every Telemetry not shut down yet, held strongly: one the program no longer references still
+# has values pending and export threads running, and must be flushed at exit (a weak set
+# only kept those that happened to sit in a reference cycle).
+_live: set[Telemetry] = set()
 
 
 def track(telemetry: Telemetry, *, handle_signals: bool, timeout_millis: float) -> None:
@@ -31,6 +33,11 @@ def track(telemetry: Telemetry, *, handle_signals: bool, timeout_millis: float) 
             busy_here=_live_busy_on_this_thread,
         )
     _live.add(telemetry)
+
+
+def untrack(telemetry: Telemetry) -> None:
+    """Called by `Telemetry.shutdown()`: nothing left for the hooks to do with it."""
+    _live.discard(telemetry)
 
 
 @atexit.register

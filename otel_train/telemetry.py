@@ -329,6 +329,9 @@ class Telemetry:
                 self.provider.shutdown(timeout_millis=max(budget / 4, 100))
             except Exception as error:  # pull readers' servers; never raise at exit
                 _logger.warning("otel-train: meter provider shutdown: %r", error)
+            from otel_train.process_hooks import untrack
+
+            untrack(self)
 
     # -- sampled steps --------------------------------------------------------------------
     def _sampled_step(self, previous: int, step: int, now: float) -> None:
