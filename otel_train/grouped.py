@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from otel_train.errors import OtelTrainError
-from otel_train.staged_meter import RecordSink, StagedInstrument, StagingRegistry
+from otel_train.record_sink import RecordSink
+from otel_train.staged_instruments import StagedInstrument
 from otel_train.staging import Detachable, is_tensor
+from otel_train.staging_registry import StagingRegistry
 
 
 class GroupSlot(Detachable):

@@ -15,8 +15,9 @@ from opentelemetry.metrics import Meter
 from otel_train.catalog import BY_KEYWORD, RECORD_KEYWORDS, STANDARD_INSTRUMENTS
 from otel_train.errors import OtelTrainError, UnknownMetricError
 from otel_train.stage_metrics import TRAINER_KEYS
-from otel_train.staged_meter import StagedInstrument, StagingRegistry
+from otel_train.staged_instruments import StagedInstrument
 from otel_train.staging import stage_value
+from otel_train.staging_registry import StagingRegistry
 
 # Step-time buckets, seconds: a 1-1.5-2-3-5-7.5 ladder from 1 ms to 60 s (p50/p95 from these
 # interpolate within ~25%; the SDK default 0..10000 would put every step in one bucket).
