@@ -116,12 +116,12 @@ class Detachable:
     __slots__ = ()
 
     def detach(self) -> Any:
-        twin = type(self)()
-        names: tuple[str, ...] = self.__slots__  # type: ignore[attr-defined]
+        cls = type(self)
+        twin = object.__new__(cls)
+        names: tuple[str, ...] = cls.__slots__  # type: ignore[attr-defined]
         for name in names:
-            mine = getattr(self, name)
-            setattr(self, name, getattr(twin, name))
-            setattr(twin, name, mine)
+            object.__setattr__(twin, name, getattr(self, name))
+        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
         return twin
 
 
@@ -133,13 +133,6 @@ class SumSlot(Detachable):
     def __init__(self) -> None:
         self.host = 0.0
         self.parts: list[Any] = []
-
-    def detach(self) -> SumSlot:
-        twin = object.__new__(SumSlot)
-        for name in SumSlot.__slots__:
-            object.__setattr__(twin, name, getattr(self, name))
-        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
-        return twin
 
     def add(self, value: Any) -> None:
         if type(value) is float:
@@ -179,13 +172,6 @@ class LastSlot(Detachable):
     def __init__(self) -> None:
         self.value: Any = None
 
-    def detach(self) -> LastSlot:
-        twin = object.__new__(LastSlot)
-        for name in LastSlot.__slots__:
-            object.__setattr__(twin, name, getattr(self, name))
-        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
-        return twin
-
     def add(self, value: Any) -> None:
         self.value = value
 
@@ -220,13 +206,6 @@ class MeanSlot(Detachable):
         self.parts: list[Any] = []
         self.folded: list[tuple[Any, Any, int]] = []  # (sum, max, n) on the device
         self.count = 0
-
-    def detach(self) -> MeanSlot:
-        twin = object.__new__(MeanSlot)
-        for name in MeanSlot.__slots__:
-            object.__setattr__(twin, name, getattr(self, name))
-        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
-        return twin
 
     def add(self, value: Any) -> None:
         self.count += 1
@@ -290,13 +269,6 @@ class HistogramSlot(Detachable):
         self.host: list[float] = []
         self.parts: list[Any] = []
         self.size = 0
-
-    def detach(self) -> HistogramSlot:
-        twin = object.__new__(HistogramSlot)
-        for name in HistogramSlot.__slots__:
-            object.__setattr__(twin, name, getattr(self, name))
-        self.__init__()  # type: ignore[misc]  # a fresh interval, same object
-        return twin
 
     def add(self, value: Any) -> None:
         if type(value) is float:
