@@ -7,6 +7,7 @@ exports (`otel_train.events`) go through the same apply / set / export primitive
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from time import time_ns
@@ -19,6 +20,8 @@ from otel_train.reduction import REDUCED, CrossRankReducer
 from otel_train.staged_meter import RecordSink, StagingRegistry, TakenValues
 from otel_train.staging import safe_exp
 from otel_train.summaries import RunSummaries
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -192,7 +195,37 @@ class SampledExports:
         registry.refresh_sdk_groups(self.provider)
         return not registry.sdk_groups.isdisjoint(groups)
 
+    def rebase_rates(self, *, time: float, step: int) -> None:
+        """Rates continue from `step` (resume_from), with the totals counted so far."""
+        summaries = self.summaries
+        self.rates.rebase(
+            time=time,
+            step=step,
+            tokens=summaries.tokens_total,
+            samples=summaries.samples_total,
+            generation_tokens=self.generation_tokens_total,
+        )
+
+    def close(self, budget_millis: float) -> None:
+        """Flush and stop every exporter, then the meter provider. Bounded; never raises."""
+        self.reader.shutdown(timeout_millis=budget_millis)
+        try:
+            self.provider.shutdown(timeout_millis=max(budget_millis / 4, 100))
+        except Exception as error:  # pull readers' servers; never raise at exit
+            _logger.warning("otel-train: meter provider shutdown: %r", error)
+
     # -- exporter health ------------------------------------------------------------------
+    def export_stats(self) -> dict[str, dict[str, int]]:
+        """Per exporter: batches exported, dropped (queue full) and failed."""
+        return {
+            worker.name: {
+                "exported": worker.exported,
+                "dropped": worker.dropped,
+                "failed": worker.failed,
+            }
+            for worker in self.reader.exporters
+        }
+
     def _update_health(self) -> None:
         """Every exporter, 0 included: a counter that only appears at the first failure
         leaves "failures so far" panels without data. Caller holds the streams' lock."""

@@ -10,19 +10,18 @@ own threads.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 
-from otel_train import events, signals
+from otel_train import events
 from otel_train.catalog import BY_NAME, CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError, StepOrderError
+from otel_train.export_guard import ExportGuard
 from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
 from otel_train.rates import IntervalListener, RateTracker, ThroughputSettings
@@ -69,17 +68,8 @@ class Telemetry:
         self._groups = groups
         self._clock = clock
         self._shutdown_timeout_millis = shutdown_timeout_millis
-        if resource is None:
-            from otel_train._sdk_compat import resource_of
-
-            resource = resource_of(provider)
-        self._registry = StagingRegistry(
-            provider.get_meter("otel_train"),
-            group_of=groups.group_of,
-            declared=_declared_instruments(),
-            max_attribute_sets=max_attribute_sets,
-            streams=StreamSet(resource),
-            needs_sdk=needs_sdk,
+        self._registry = _staging_registry(
+            provider, groups, max_attribute_sets, resource, needs_sdk
         )
         self._pending: PendingExport | None = None  # at most one sampled step in flight
         self._meter_provider = StagedMeterProvider(self._registry, provider)
@@ -87,10 +77,10 @@ class Telemetry:
         if perplexity is None:  # exp(loss) means something only for a token cross-entropy
             perplexity = context.stage in CROSS_ENTROPY_STAGES
         self.training = TrainingInstruments(self._meter, self._registry, perplexity=perplexity)
-        self._lock = threading.RLock()  # sampled steps vs. evaluate() from another thread
-        self._busy_thread: int | None = None  # who holds the lock (signal deferral)
-        self._pid = os.getpid()
-        self._closed = False
+        self._guard = guard = ExportGuard(self.training)
+        self._busy = guard.busy
+        self._closed_or_forked = guard.closed_or_forked
+        self._deliver_deferred_signal = guard.deliver_deferred_signal
         start = clock()
         self._last_step = resume_step
         self._last_step_time: float | None = None
@@ -213,14 +203,7 @@ class Telemetry:
             self._last_step_time = None
             self._step_durations.clear()
             self._next_due = self._groups.next_due_step(step)
-            summaries = self.summaries
-            self._rates.rebase(
-                time=self._clock(),
-                step=step,
-                tokens=summaries.tokens_total,
-                samples=summaries.samples_total,
-                generation_tokens=self._exports.generation_tokens_total,
-            )
+            self._exports.rebase_rates(time=self._clock(), step=step)
 
     def evaluate(self, loss: Any = None, *, metrics: Mapping[str, Any] | None = None) -> None:
         """Export `eval.loss` (+ `eval.perplexity`, `eval.best_perplexity` for cross-entropy
@@ -252,23 +235,16 @@ class Telemetry:
 
     def export_stats(self) -> dict[str, dict[str, int]]:
         """Per exporter: batches exported, dropped (queue full) and failed."""
-        return {
-            worker.name: {
-                "exported": worker.exported,
-                "dropped": worker.dropped,
-                "failed": worker.failed,
-            }
-            for worker in self.reader.exporters
-        }
+        return self._exports.export_stats()
 
     def shutdown(self, timeout_millis: float | None = None) -> None:
         """Export what is pending (every value recorded since the last sampled step) and
         `final.*`, flush every exporter, stop. Bounded in time."""
         with self._busy():
-            if self._closed:
+            if self._guard.closed:
                 return
-            self._closed = True
-            if os.getpid() != self._pid:
+            self._guard.closed = True
+            if os.getpid() != self._guard.pid:
                 return  # a forked child owns none of the exporters
             budget = self._shutdown_timeout_millis if timeout_millis is None else timeout_millis
             try:
@@ -282,11 +258,7 @@ class Telemetry:
                 events.export_final(self._exports, self._last_step)
             except OtelTrainError as error:
                 _logger.error("otel-train: could not export the last values at shutdown: %s", error)
-            self.reader.shutdown(timeout_millis=budget)
-            try:
-                self.provider.shutdown(timeout_millis=max(budget / 4, 100))
-            except Exception as error:  # pull readers' servers; never raise at exit
-                _logger.warning("otel-train: meter provider shutdown: %r", error)
+            self._exports.close(budget)
             from otel_train.process_hooks import untrack
 
             untrack(self)
@@ -334,44 +306,40 @@ class Telemetry:
         with self._registry.streams.lock:
             self._exports.record_step_durations(durations)
 
-    # -- helpers --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _busy(self) -> Iterator[None]:
-        """Hold the lock and say so: a signal arriving meanwhile on this thread is deferred
-        until the lock is released (its flush would otherwise wait for this very lock)."""
-        with self._lock:
-            outer = self._busy_thread
-            self._busy_thread = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._busy_thread = outer
-
+    # -- lock and process state ----------------------------------------------------------
     def busy_on_this_thread(self) -> bool:
-        return self._busy_thread == threading.get_ident()
+        return self._guard.busy_on_this_thread()
 
-    def _deliver_deferred_signal(self) -> None:
-        if signals.has_deferred() and self._busy_thread is None:
-            signals.deliver_deferred()
+    @property
+    def _closed(self) -> bool:
+        return self._guard.closed
 
     def _disable_in_forked_child(self) -> None:
         """Called in a forked child (os.register_at_fork): export nothing, take no lock the
         parent's threads may have held at the fork."""
-        self._lock = threading.RLock()
-        self._busy_thread = None
         self._pending = None  # the parent's copy in flight: not the child's to export
-        self._closed = True
-        self.training.enabled = False
+        self._guard.disable_in_forked_child()
 
-    def _closed_or_forked(self) -> bool:
-        if self._closed:
-            return True
-        if os.getpid() != self._pid:
-            # A DataLoader worker (fork) must never export or touch the parent's exporters.
-            self._closed = True
-            self.training.enabled = False
-            return True
-        return False
+
+def _staging_registry(
+    provider: SdkMeterProvider,
+    groups: GroupIndex,
+    max_attribute_sets: int,
+    resource: Any,
+    needs_sdk: Callable[[str], bool],
+) -> StagingRegistry:
+    if resource is None:
+        from otel_train._sdk_compat import resource_of
+
+        resource = resource_of(provider)
+    return StagingRegistry(
+        provider.get_meter("otel_train"),
+        group_of=groups.group_of,
+        declared=_declared_instruments(),
+        max_attribute_sets=max_attribute_sets,
+        streams=StreamSet(resource),
+        needs_sdk=needs_sdk,
+    )
 
 
 def _declared_instruments() -> dict[str, Any]:
