@@ -34,6 +34,13 @@ class ExportGuard:
             finally:
                 self._busy_thread = outer
 
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[None]:
+        """`busy()`, then deliver a signal deferred meanwhile (not after an exception)."""
+        with self.busy():
+            yield
+        self.deliver_deferred_signal()
+
     def busy_on_this_thread(self) -> bool:
         return self._busy_thread == threading.get_ident()
 

@@ -78,7 +78,7 @@ class Telemetry:
             perplexity = context.stage in CROSS_ENTROPY_STAGES
         self.training = TrainingInstruments(self._meter, self._registry, perplexity=perplexity)
         self._guard = guard = ExportGuard(self.training)
-        self._busy = guard.busy
+        self._busy, self._exporting = guard.busy, guard.exporting
         self._closed_or_forked = guard.closed_or_forked
         self._deliver_deferred_signal = guard.deliver_deferred_signal
         start = clock()
@@ -102,7 +102,6 @@ class Telemetry:
             reducer=reducer,
         )
 
-    # -- public surface -------------------------------------------------------------------
     @property
     def meter(self) -> Meter:
         """An OTel Meter whose synchronous instruments are step-staged (tensors welcome)."""
@@ -211,19 +210,17 @@ class Telemetry:
         (synced once: it is an event)."""
         if self._closed_or_forked():
             return
-        with self._busy():
+        with self._exporting():
             self._finish_pending()
             events.export_eval(self._exports, self._last_step, loss, metrics)
-        self._deliver_deferred_signal()
 
     def end_epoch(self, epoch: int | float | None = None) -> None:
         """Export `epoch.*` summaries of the epoch that just ended (one sync: an event)."""
         if self._closed_or_forked():
             return
-        with self._busy():
+        with self._exporting():
             self._finish_pending()
             events.export_epoch(self._exports, self._last_step, self._clock, epoch)
-        self._deliver_deferred_signal()
 
     def flush(self, timeout_millis: float = 10_000) -> bool:
         """Wait until everything exported so far has reached every exporter (a sampled step
@@ -263,7 +260,6 @@ class Telemetry:
 
             untrack(self)
 
-    # -- sampled steps --------------------------------------------------------------------
     def _sampled_step(self, previous: int, step: int, now: float) -> None:
         with self._busy():
             if self._closed_or_forked():
@@ -276,11 +272,10 @@ class Telemetry:
         self._deliver_deferred_signal()
 
     def _poll_pending(self) -> None:
-        with self._busy():
+        with self._exporting():
             pending = self._pending
             if pending is not None and pending.ready() and not self._closed_or_forked():
                 self._finish_pending()
-        self._deliver_deferred_signal()
 
     def _begin_export(
         self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
@@ -306,7 +301,6 @@ class Telemetry:
         with self._registry.streams.lock:
             self._exports.record_step_durations(durations)
 
-    # -- lock and process state ----------------------------------------------------------
     def busy_on_this_thread(self) -> bool:
         return self._guard.busy_on_this_thread()
 
