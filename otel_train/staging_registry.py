@@ -280,3 +280,31 @@ def _check_name(name: object) -> None:
             f"instrument name {name!r} is not valid in OpenTelemetry: start with a letter, then "
             "letters, digits, '_', '.', '-' or '/', at most 255 characters (e.g. 'train.reward')"
         )
+
+
+def registry_for(
+    provider: Any,
+    groups: Any,
+    max_attribute_sets: int,
+    resource: Any,
+    needs_sdk: Callable[[str], bool],
+) -> StagingRegistry:
+    """The registry of one Telemetry: its sampling groups, the catalog and the stage sets."""
+    from otel_train.catalog import BY_NAME
+    from otel_train.series import StreamSet
+    from otel_train.stage_metrics import STAGE_INSTRUMENTS
+
+    if resource is None:
+        from otel_train._sdk_compat import resource_of
+
+        resource = resource_of(provider)
+    declared: dict[str, Any] = dict(BY_NAME)
+    declared.update({spec.name: spec for spec in STAGE_INSTRUMENTS})
+    return StagingRegistry(
+        provider.get_meter("otel_train"),
+        group_of=groups.group_of,
+        declared=declared,
+        max_attribute_sets=max_attribute_sets,
+        streams=StreamSet(resource),
+        needs_sdk=needs_sdk,
+    )

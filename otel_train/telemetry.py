@@ -19,7 +19,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observa
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 
 from otel_train import events
-from otel_train.catalog import BY_NAME, CROSS_ENTROPY_STAGES
+from otel_train.catalog import CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.export_guard import ExportGuard
 from otel_train.grouped import check_names, grouped_instrument
@@ -31,7 +31,8 @@ from otel_train.run_context import RunContext
 from otel_train.sampled_export import PendingExport, SampledExports
 from otel_train.sampling import GroupIndex
 from otel_train.series import StreamSet
-from otel_train.staged_meter import StagedMeterProvider, StagingRegistry
+from otel_train.staged_meter import StagedMeterProvider
+from otel_train.staging_registry import registry_for
 from otel_train.summaries import RunSummaries
 
 _logger = logging.getLogger(__name__)
@@ -68,9 +69,7 @@ class Telemetry:
         self._groups = groups
         self._clock = clock
         self._shutdown_timeout_millis = shutdown_timeout_millis
-        self._registry = _staging_registry(
-            provider, groups, max_attribute_sets, resource, needs_sdk
-        )
+        self._registry = registry_for(provider, groups, max_attribute_sets, resource, needs_sdk)
         self._pending: PendingExport | None = None  # at most one sampled step in flight
         self._meter_provider = StagedMeterProvider(self._registry, provider)
         self._meter = self._meter_provider.get_meter("otel_train")
@@ -313,38 +312,6 @@ class Telemetry:
         parent's threads may have held at the fork."""
         self._pending = None  # the parent's copy in flight: not the child's to export
         self._guard.disable_in_forked_child()
-
-
-def _staging_registry(
-    provider: SdkMeterProvider,
-    groups: GroupIndex,
-    max_attribute_sets: int,
-    resource: Any,
-    needs_sdk: Callable[[str], bool],
-) -> StagingRegistry:
-    if resource is None:
-        from otel_train._sdk_compat import resource_of
-
-        resource = resource_of(provider)
-    return StagingRegistry(
-        provider.get_meter("otel_train"),
-        group_of=groups.group_of,
-        declared=_declared_instruments(),
-        max_attribute_sets=max_attribute_sets,
-        streams=StreamSet(resource),
-        needs_sdk=needs_sdk,
-    )
-
-
-def _declared_instruments() -> dict[str, Any]:
-    """The catalog plus the stage instrument sets (DPO, PPO, GRPO...), where present."""
-    declared: dict[str, Any] = dict(BY_NAME)
-    try:
-        from otel_train.stage_metrics import STAGE_INSTRUMENTS
-    except ImportError:
-        return declared
-    declared.update({spec.name: spec for spec in STAGE_INSTRUMENTS})
-    return declared
 
 
 def _coerce_step(step: Any) -> int:
