@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import otel_train
@@ -12,7 +14,10 @@ def main(steps: int = 200) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with otel_train.setup(
-        run="minimal", stage="pretrain", exporters=("jsonl",), total_steps=steps
+        run=time.strftime("minimal-%Y%m%d-%H%M%S"),  # a new run each time
+        stage="pretrain",
+        exporters=("jsonl",),
+        total_steps=steps,
     ) as tel:
         for step in range(1, steps + 1):
             x = torch.randn(16, 32)

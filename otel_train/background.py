@@ -46,23 +46,25 @@ class BackgroundExporter:
         """Called on the training thread: O(1), never waits for the backend, wakes no one."""
         with self._condition:
             if self._stopping:
-                self._count_drop(1)
+                self._count_drop(1, reason="arrived after shutdown began")
                 return
             if len(self._queue) >= self._max:
                 self._queue.popleft()
                 self._count_drop(1)
             self._queue.append(batch)
 
-    def _count_drop(self, count: int) -> None:
+    def _count_drop(self, count: int, *, reason: str | None = None) -> None:
         self.dropped += count
         if not self._warned_drop:
             self._warned_drop = True
+            if reason is None:
+                reason = f"it is slower than training (queue of {self._max} full)"
             _logger.warning(
-                "otel-train: exporter %r is slower than training; dropping its oldest queued "
-                "batches (queue of %d). Further drops are counted, not logged "
-                "(otel_train.export.dropped).",
+                "otel-train: exporter %r is dropping queued batches (%d now): %s. Further drops "
+                "are counted, not logged (otel_train.export.dropped).",
                 self.name,
-                self._max,
+                count,
+                reason,
             )
 
     def _run(self) -> None:
@@ -126,7 +128,10 @@ class BackgroundExporter:
         self._thread.join(max(0.0, deadline - time.monotonic()))
         with self._condition:
             if self._queue:
-                self._count_drop(len(self._queue))
+                self._count_drop(
+                    len(self._queue),
+                    reason=f"not delivered within the shutdown budget ({timeout_millis:.0f} ms)",
+                )
                 self._queue.clear()
         # Flush and shutdown run on a helper thread: a hanging backend cannot hold exit.
         closer = threading.Thread(

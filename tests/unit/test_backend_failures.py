@@ -111,3 +111,18 @@ def test_failures_are_exported_as_health_counters(telemetry_factory):
     key = "otel_train/export_failed/exporter_RaisingExporter"
     assert healthy.steps_with(key) == [5, 10]
     assert healthy.values_of(key)[-1] >= 5
+
+
+def test_batches_left_at_shutdown_are_reported_as_such_not_as_a_slow_backend(
+    telemetry_factory, caplog
+):
+    sleeping = SleepingExporter()
+    tel = telemetry_factory(exporters=[sleeping], intervals={"train": 1})
+    for step in range(1, 6):  # far below the queue size: nothing is slower than training
+        tel.training.record(loss=0.1)
+        tel.step(step)
+    with caplog.at_level(logging.WARNING, logger="otel_train"):
+        tel.shutdown(timeout_millis=300)
+    messages = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+    assert len(messages) == 1 and "shutdown budget" in messages[0]
+    assert "slower than training" not in messages[0]
