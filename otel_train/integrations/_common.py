@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from otel_train.errors import OtelTrainError
+
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
 
@@ -42,3 +44,15 @@ def warn_once(logger: logging.Logger, seen: set[str], what: str, message: str, *
     if what not in seen:
         seen.add(what)
         logger.warning(message, *args)
+
+
+def telemetry_factory(factory: Any, telemetry: Any) -> Any:
+    """Adapters take a ready `telemetry=` or a `factory=` called in each process (default
+    `otel_train.setup`), never both."""
+    if factory is not None and telemetry is not None:
+        raise OtelTrainError("pass factory= or telemetry=, not both")
+    if factory is None and telemetry is None:
+        import otel_train
+
+        return otel_train.setup
+    return factory

@@ -20,7 +20,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from otel_train.errors import OtelTrainError
-from otel_train.integrations._common import StepDriver, warn_once
+from otel_train.integrations._common import StepDriver, telemetry_factory, warn_once
 from otel_train.integrations._keys import instrument_name, numeric_items, strip_prefix
 from otel_train.telemetry import Telemetry
 
@@ -59,13 +59,7 @@ class OtelTrainTracker(GeneralTracker):  # type: ignore[misc]
         telemetry: Telemetry | None = None,
     ) -> None:
         super().__init__()
-        if factory is not None and telemetry is not None:
-            raise OtelTrainError("pass factory= or telemetry=, not both")
-        if factory is None and telemetry is None:
-            import otel_train
-
-            factory = otel_train.setup
-        self._factory = factory
+        self._factory = telemetry_factory(factory, telemetry)
         self._telemetry = telemetry
         self._owns_telemetry = telemetry is None
         self._driver: StepDriver | None = StepDriver(telemetry) if telemetry else None

@@ -21,7 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from otel_train.errors import OtelTrainError
-from otel_train.integrations._common import StepDriver, train_interval, warn_once
+from otel_train.integrations._common import StepDriver, telemetry_factory, train_interval, warn_once
 from otel_train.integrations._keys import instrument_name, numeric_items, strip_prefix
 from otel_train.integrations._lightning_batches import (
     batch_size,
@@ -62,13 +62,7 @@ class OtelTrainCallback(pl.Callback):  # type: ignore[misc]
         count_tokens: Callable[[Any], Any] | None = None,
         grad_norm: bool = True,
     ) -> None:
-        if factory is not None and telemetry is not None:
-            raise OtelTrainError("pass factory= or telemetry=, not both")
-        if factory is None and telemetry is None:
-            import otel_train
-
-            factory = otel_train.setup
-        self._factory = factory
+        self._factory = telemetry_factory(factory, telemetry)
         self._telemetry = telemetry
         self._owns_telemetry = False
         self._count_tokens = count_tokens or default_tokens
