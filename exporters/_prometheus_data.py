@@ -19,6 +19,8 @@ from opentelemetry.sdk.metrics.export import (
     Metric,
 )
 
+from otel_train.nonfinite import series_key
+
 
 def classic(metric: Metric) -> Metric:
     """`metric` as Prometheus can expose it (exponential histograms become explicit)."""
@@ -40,17 +42,13 @@ def merged(previous: Metric | None, metric: Metric) -> Metric:
         return metric
     if not isinstance(previous.data, Gauge):
         return metric
-    fresh = {_identity(p.attributes) for p in metric.data.data_points}
-    kept = [p for p in previous.data.data_points if _identity(p.attributes) not in fresh]
+    name = metric.name
+    fresh = {series_key(name, p.attributes) for p in metric.data.data_points}
+    kept = [p for p in previous.data.data_points if series_key(name, p.attributes) not in fresh]
     if not kept:
         return metric
     points = [*kept, *metric.data.data_points]
     return Metric(metric.name, metric.description, metric.unit, Gauge(points))
-
-
-def _identity(attributes: object) -> tuple[tuple[str, str], ...]:
-    items = dict(attributes or {}).items()  # type: ignore[call-overload]
-    return tuple(sorted((str(k), str(v)) for k, v in items))
 
 
 def _explicit(point: ExponentialHistogramDataPoint) -> HistogramDataPoint:

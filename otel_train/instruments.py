@@ -13,9 +13,9 @@ from typing import Any
 from opentelemetry.metrics import Meter
 
 from otel_train.catalog import BY_KEYWORD, RECORD_KEYWORDS, STANDARD_INSTRUMENTS
-from otel_train.errors import OtelTrainError, UnknownMetricError
+from otel_train.errors import UnknownMetricError
 from otel_train.stage_metrics import TRAINER_KEYS
-from otel_train.staged_instruments import StagedInstrument
+from otel_train.staged_instruments import StagedInstrument, negative_increment
 from otel_train.staging import stage_value
 from otel_train.staging_registry import StagingRegistry
 
@@ -149,10 +149,7 @@ class TrainingInstruments:
         name, slot = self._slots[keyword]
         staged = stage_value(name, amount)
         if type(staged) is float and staged < 0:
-            raise OtelTrainError(
-                f"{name} is a counter and cannot decrease; got increment {amount}. Record the "
-                "per-step amount (e.g. tokens in this batch), not a difference."
-            )
+            raise negative_increment(name, amount)
         slot.add(staged)
 
     def _record_mapping(self, values: Mapping[str, Any]) -> None:

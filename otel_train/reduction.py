@@ -153,43 +153,6 @@ class CrossRankReducer:
                 error,
             )
 
-    def reduce_taken(self, taken: list[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]]:
-        """The standard values of a sampled step's resolution, reduced across ranks in
-        place of this rank's own (means replace means, sums replace increments). Blocking."""
-        if not self.active():
-            return taken
-        local = _local(taken)
-        reduced = self.reduce(local)
-        if reduced is local:
-            return taken
-        return _merged(taken, local, reduced)
-
-    def reduce(self, resolved: Resolved) -> Resolved:
-        """All-reduce `resolved` across ranks. Any failure leaves the local values in place."""
-        if not self.active():
-            return resolved
-        try:
-            return self._reduce(resolved)
-        except Exception as error:  # a broken group must not take the training loop down
-            self._warn(error)
-            return resolved
-
-    def _reduce(self, resolved: Resolved) -> Resolved:
-        import torch
-        import torch.distributed as dist
-
-        packed = pack(resolved)
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        vector = torch.tensor(packed, dtype=torch.float64, device=device)
-        dist.all_reduce(vector, op=dist.ReduceOp.SUM)  # the one collective of this step
-        self.reductions += 1
-        if not self.keep_on_this_rank:
-            return resolved
-        self.ranks_in_values = dist.get_world_size()
-        return unpack(vector.tolist(), resolved)
-
 
 class InFlight:
     """One all_reduce in flight: gloo (CPU) finishes on its own thread, NCCL's result is

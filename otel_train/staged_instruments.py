@@ -102,6 +102,15 @@ class StagedInstrument:
         raise NotImplementedError
 
 
+def negative_increment(name: str, amount: Any) -> OtelTrainError:
+    """The error for a negative amount added to a monotonic counter (host numbers)."""
+    return OtelTrainError(
+        f"{name} is a counter and cannot decrease; got increment {amount}. Record the "
+        "per-step amount (e.g. tokens in this batch), not a difference; for values that go "
+        "down use create_up_down_counter."
+    )
+
+
 class StagedCounter(StagedInstrument, Counter):
     kind = "counter"
     slot_type = SumSlot
@@ -118,11 +127,7 @@ class StagedCounter(StagedInstrument, Counter):
         self, amount: Any, attributes: Mapping[str, Any] | None = None, context: Any = None
     ) -> None:
         if self.monotonic and type(amount) in (int, float) and amount < 0:
-            raise OtelTrainError(
-                f"{self.staged_name} is a counter and cannot decrease; got increment {amount}. "
-                "Record the per-step amount (e.g. tokens in this batch), not a difference; "
-                "for values that go down use create_up_down_counter."
-            )
+            raise negative_increment(self.staged_name, amount)
         self._stage(amount, attributes)
 
     def put(self, amount: Any, attributes: Mapping[str, Any] | None = None) -> None:
