@@ -4,12 +4,15 @@
 (s)  the same, a sampled step (train + perf + health due), median of the step() calls,
      with JSON lines + Prometheus + W&B (offline) exporters on;
 (a') default intervals (train 10, perf 20), sampled steps included (amortised), with the
-     same three exporters on: loop time / steps, export threads' GIL use included;
+     same three exporters on, with JSON lines alone (the issue's baseline) and with an
+     in-memory exporter: loop time / steps, the finisher's and export threads' GIL use
+     included;
 (b)  the same values recorded straight into OTel SDK instruments every step;
 (c)  `wandb.log` of the same keys every step, offline (if wandb is installed).
 Rounds are interleaved (a, s, a', b, c, a, ...) and the median of the rounds is reported, with
-ratios to (b). Then, per exporter: CPU its export thread spends per exported batch (its
-Python work competes with the training thread for the GIL).
+ratios to (b). Then, per exporter and for the finisher thread (which turns each sampled
+step's copied values into a batch): CPU the thread spends per batch (its Python work
+competes with the training thread for the GIL).
 
     python benchmarks/hot_path.py [--steps 20000] [--rounds 5]
 """
@@ -76,7 +79,8 @@ def bench_non_sampled(steps: int, *, tensors: bool) -> float:
 
 def bench_sampled_step(steps: int) -> float:
     """Median step() of sampled steps (train, perf and health due at once, every 20th
-    step), all exporters on, on the training thread."""
+    step), all exporters on, on the training thread (the finisher and export threads idle:
+    their work is measured on its own, in `measure_export_threads`)."""
     with tempfile.TemporaryDirectory() as directory:
         tel = _setup(directory, EXPORTERS, {"train": 20, "perf": 20, "gpu": NEVER})
         loss, grad_norm = _values(True)
@@ -186,7 +190,12 @@ def measure_export_threads(batches: int = 300) -> dict[str, float]:
             tel.training.record(loss=loss, tokens=2048, samples=8)
             tel.step(n)
         tel.flush()
-        before = {name: (_thread_cpu(w._thread), w.exported) for name, w in workers.items()}
+        finisher = tel._finisher  # finishes each sampled step off the training thread
+        threads = {name: w._thread for name, w in workers.items()}
+        threads["(finisher)"] = finisher._thread
+        done = {name: (lambda w=w: w.exported) for name, w in workers.items()}
+        done["(finisher)"] = lambda: finisher.finished
+        before = {name: (_thread_cpu(threads[name]), done[name]()) for name in threads}
         for n in range(51, 51 + batches):
             tel.training.record(loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048,
                                 samples=8, epoch=0)  # fmt: skip
@@ -194,8 +203,9 @@ def measure_export_threads(batches: int = 300) -> dict[str, float]:
             time.sleep(0.002)
         tel.flush()
         per_batch = {
-            name: (_thread_cpu(w._thread) - before[name][0]) / max(1, w.exported - before[name][1])
-            for name, w in workers.items()
+            name: (_thread_cpu(threads[name]) - before[name][0])
+            / max(1, done[name]() - before[name][1])
+            for name in threads
         }
         tel.shutdown()
     return per_batch
@@ -218,6 +228,9 @@ def main() -> None:
         "(a) non-sampled step, tensors": lambda: bench_non_sampled(steps, tensors=True),
         "(s) sampled step, 3 exporters": lambda: bench_sampled_step(steps),
         "(a') default intervals, amortised, 3 exporters": lambda: bench_default_intervals(steps),
+        "(a') default intervals, amortised, JSON lines": lambda: bench_default_intervals(
+            steps, exporters=("jsonl",)
+        ),
         "(a') default intervals, amortised, capture only": lambda: bench_default_intervals(
             steps, exporters=[CapturingExporter()]
         ),

@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,10 +39,13 @@ MATERIALISING = ("item", "tolist", "__float__", "cpu", "numpy")
 
 
 class MaterialisationCounter:
-    """Counts Python-level calls that bring a tensor's value to the host."""
+    """Counts Python-level calls that bring a tensor's value to the host, on the thread that
+    installed it (the training loop's): what stalls the loop on a GPU. otel-train reads its one
+    packed copy per sampled step on its finisher thread, which is not counted here."""
 
     def __init__(self) -> None:
         self.count = 0
+        self._thread = threading.get_ident()
         self._originals: dict[str, Any] = {}
 
     @contextmanager
@@ -51,7 +55,8 @@ class MaterialisationCounter:
             self._originals[name] = original
 
             def counted(tensor: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                self.count += 1
+                if threading.get_ident() == self._thread:
+                    self.count += 1
                 return _original(tensor, *args, **kwargs)
 
             setattr(torch.Tensor, name, counted)

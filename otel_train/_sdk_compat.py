@@ -14,7 +14,14 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Metric,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    Sum,
+)
 from opentelemetry.sdk.metrics.view import (
     Aggregation,
     ExplicitBucketHistogramAggregation,
@@ -156,3 +163,84 @@ def wandb_service_process() -> subprocess.Popen[bytes] | None:
     connection = getattr(getattr(wandb_setup, "_singleton", None), "_connection", None)
     process = getattr(getattr(connection, "_proc", None), "_process", None)
     return process if isinstance(process, subprocess.Popen) else None
+
+
+# -- building the SDK's frozen data classes without their generated __init__ ---------------
+# The SDK's point classes are frozen (non-slots) dataclasses: their __init__ sets each field
+# through object.__setattr__, twice the cost of filling the instance dict directly. A sampled
+# step builds a few dozen of them. Same instances (equal, same fields), checked by
+# tests/unit/test_sdk_compat.py against the real constructors.
+def number_point(attributes: Any, start: int | None, now: int, value: float) -> NumberDataPoint:
+    """`NumberDataPoint(attributes, start, now, value)`."""
+    instance = object.__new__(NumberDataPoint)
+    instance.__dict__.update(
+        attributes=attributes,
+        start_time_unix_nano=start,
+        time_unix_nano=now,
+        value=value,
+        exemplars=[],
+    )
+    return instance  # type: ignore[no-any-return]
+
+
+def gauge_metric(name: str, description: str, unit: str, points: list[Any]) -> Metric:
+    """`Metric(name, description, unit, Gauge(points))`."""
+    gauge = object.__new__(Gauge)
+    gauge.__dict__["data_points"] = points
+    metric = object.__new__(Metric)
+    metric.__dict__.update(name=name, description=description, unit=unit, data=gauge)
+    return metric  # type: ignore[no-any-return]
+
+
+def sum_metric(
+    name: str, description: str, unit: str, points: list[Any], temporality: Any, monotonic: bool
+) -> Metric:
+    """`Metric(name, description, unit, Sum(points, temporality, monotonic))`."""
+    data = object.__new__(Sum)
+    data.__dict__.update(
+        data_points=points, aggregation_temporality=temporality, is_monotonic=monotonic
+    )
+    metric = object.__new__(Metric)
+    metric.__dict__.update(name=name, description=description, unit=unit, data=data)
+    return metric  # type: ignore[no-any-return]
+
+
+def fast_construction_matches() -> bool:
+    """Whether the builders above still make what the constructors make (dataclass layout)."""
+    import dataclasses
+
+    expected = {
+        NumberDataPoint: ("attributes", "start_time_unix_nano", "time_unix_nano", "value",
+                          "exemplars"),
+        Metric: ("name", "description", "unit", "data"),
+        Gauge: ("data_points",),
+        Sum: ("data_points", "aggregation_temporality", "is_monotonic"),
+    }  # fmt: skip
+    for cls, fields in expected.items():
+        if hasattr(cls, "__slots__") or not dataclasses.is_dataclass(cls):
+            return False
+        if tuple(f.name for f in dataclasses.fields(cls)) != fields:
+            return False
+    return True
+
+
+def _number_point_constructed(
+    attributes: Any, start: int | None, now: int, value: float
+) -> NumberDataPoint:
+    return NumberDataPoint(attributes, start, now, value)  # type: ignore[arg-type]
+
+
+def _gauge_metric_constructed(name: str, description: str, unit: str, points: list[Any]) -> Metric:
+    return Metric(name, description, unit, Gauge(points))
+
+
+def _sum_metric_constructed(
+    name: str, description: str, unit: str, points: list[Any], temporality: Any, monotonic: bool
+) -> Metric:
+    return Metric(name, description, unit, Sum(points, temporality, monotonic))
+
+
+if not fast_construction_matches():  # a release changed the layout: use the constructors
+    number_point = _number_point_constructed  # type: ignore[assignment]
+    gauge_metric = _gauge_metric_constructed
+    sum_metric = _sum_metric_constructed

@@ -24,21 +24,24 @@ from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics import UpDownCounter as SdkUpDownCounter
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
-    Gauge,
     Histogram,
     HistogramDataPoint,
     Metric,
     MetricReader,
     MetricsData,
-    NumberDataPoint,
     ResourceMetrics,
     ScopeMetrics,
-    Sum,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otel_train._sdk_compat import add_to_collect, temporality_of
+from otel_train._sdk_compat import (
+    add_to_collect,
+    gauge_metric,
+    number_point,
+    sum_metric,
+    temporality_of,
+)
 
 AttributeKey = tuple[tuple[str, Any], ...] | None
 CUMULATIVE = AggregationTemporality.CUMULATIVE
@@ -106,7 +109,7 @@ class SumStream(Stream):
             return None
         if memory is None:
             points = [
-                NumberDataPoint(attributes, start, now, total)
+                number_point(attributes, start, now, total)
                 for attributes, start, total in self.series.values()
             ]
             temporality = CUMULATIVE
@@ -119,12 +122,12 @@ class SumStream(Stream):
                 if previous is not None:
                     start = previous[1]
                 if previous is None or value:
-                    points.append(NumberDataPoint(attributes, start, now, value))
+                    points.append(number_point(attributes, start, now, value))
             if not points:
                 return None
             temporality = DELTA
-        return Metric(
-            self.name, self.description, self.unit, Sum(points, temporality, self.monotonic)
+        return sum_metric(
+            self.name, self.description, self.unit, points, temporality, self.monotonic
         )
 
 
@@ -152,15 +155,15 @@ class GaugeStream(Stream):
             for entry in self.series.values():
                 if entry[3]:
                     entry[3] = False
-                    points.append(NumberDataPoint(entry[0], None, now, entry[2]))  # type: ignore[arg-type]
+                    points.append(number_point(entry[0], None, now, entry[2]))
             if not points:
                 return None
         else:
             points = [
-                NumberDataPoint(attributes, None, now, value)  # type: ignore[arg-type]
+                number_point(attributes, None, now, value)
                 for attributes, _start, value, _fresh in self.series.values()
             ]
-        return Metric(self.name, self.description, self.unit, Gauge(points))
+        return gauge_metric(self.name, self.description, self.unit, points)
 
 
 class HistogramStream(Stream):
@@ -264,12 +267,15 @@ class StreamSet:
 
     def __init__(self, resource: Resource) -> None:
         self.resource = resource
-        self.lock = threading.Lock()
+        # Reentrant: the finisher thread creates a derived gauge (a rate, perplexity) on its
+        # first use while it holds the lock; the training thread creates streams too.
+        self.lock = threading.RLock()
         self.by_group: dict[str, list[Stream]] = {}
         self.always: list[Stream] = []  # in every batch: the global step, the x-axis
 
     def add(self, group: str, stream: Stream, *, always: bool = False) -> None:
-        (self.always if always else self.by_group.setdefault(group, [])).append(stream)
+        with self.lock:
+            (self.always if always else self.by_group.setdefault(group, [])).append(stream)
 
     def metrics_for(
         self, groups: Iterable[str], now: int

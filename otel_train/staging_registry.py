@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
@@ -60,6 +61,7 @@ class StagingRegistry:
         self.sdk_groups: set[str] = set()  # groups whose export needs an SDK collect
         self._sdk_instrument_count = 0
         self.transfer: Any = DeviceTransfer()  # a seam: tests stand in for a CUDA copy
+        self._create_lock = threading.RLock()
 
     def output(
         self,
@@ -153,7 +155,17 @@ class StagingRegistry:
         return self.create_custom(name, build)
 
     def create_custom(self, name: str, build: Callable[[], StagedInstrument]) -> StagedInstrument:
-        """Register a new instrument (name checked once, here) under its sampling group."""
+        """Register a new instrument (name checked once, here) under its sampling group.
+
+        Under the lock: the training thread and the finisher thread (derived gauges) both
+        create instruments."""
+        with self._create_lock:
+            existing = self.instruments.get(name)
+            if existing is not None:
+                return existing
+            return self._register(name, build)
+
+    def _register(self, name: str, build: Callable[[], StagedInstrument]) -> StagedInstrument:
         _check_name(name)
         self._reject_prometheus_collision(name)
         instrument = build()

@@ -1,17 +1,18 @@
 """`Telemetry`: the one object a training loop talks to. `step(n)` is the only clock.
 
 Non-sampled steps cost a compare and a clock read. Sampled steps detach the due groups'
-staged values and start their one device->host transfer per device; once it has completed
-(at once on the CPU; on CUDA polled at later steps, forced at the next sampled step, an event
-or shutdown) the values go into the streams, rates are derived, and the due groups' metrics,
-labelled with the sampled step, go to the step-sampled reader, whose exporters run on their
-own threads.
+staged values and start their one device->host transfer per device, then hand the step to the
+finisher thread (`otel_train.finisher`): once the copy has completed (at once on the CPU; on
+CUDA when its event has) the values go into the streams, rates are derived, and the due
+groups' metrics, labelled with the sampled step, go to the step-sampled reader, whose
+exporters run on their own threads. Events, flush and shutdown drain the finisher first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,13 +23,14 @@ from otel_train import events
 from otel_train.catalog import CROSS_ENTROPY_STAGES
 from otel_train.errors import OtelTrainError, StepOrderError
 from otel_train.export_guard import ExportGuard
+from otel_train.finisher import SampledStepFinisher
 from otel_train.grouped import check_names, grouped_instrument
 from otel_train.instruments import TrainingInstruments
 from otel_train.rates import IntervalListener, RateTracker, ThroughputSettings
 from otel_train.reader import StepSampledReader
 from otel_train.reduction import CrossRankReducer
 from otel_train.run_context import RunContext
-from otel_train.sampled_export import PendingExport, SampledExports
+from otel_train.sampled_export import SampledExports
 from otel_train.sampling import GroupIndex
 from otel_train.series import StreamSet
 from otel_train.staged_meter import StagedMeterProvider
@@ -41,6 +43,9 @@ _logger = logging.getLogger(__name__)
 # SDK record costs microseconds: that work belongs to sampled steps). Past this many (perf
 # interval longer than this, or perf made an event group) they are recorded in one go.
 _MAX_BUFFERED_STEP_TIMES = 65_536
+# Events and resume wait at most this long for the sampled steps before them (normally
+# microseconds: a step's copy and export work).
+_DRAIN_TIMEOUT_SECONDS = 10.0
 
 
 class Telemetry:
@@ -70,7 +75,6 @@ class Telemetry:
         self._clock = clock
         self._shutdown_timeout_millis = shutdown_timeout_millis
         self._registry = registry_for(provider, groups, max_attribute_sets, resource, needs_sdk)
-        self._pending: PendingExport | None = None  # at most one sampled step in flight
         self._meter_provider = StagedMeterProvider(self._registry, provider)
         self._meter = self._meter_provider.get_meter("otel_train")
         if perplexity is None:  # exp(loss) means something only for a token cross-entropy
@@ -100,6 +104,9 @@ class Telemetry:
             rates=self._rates,
             reducer=reducer,
         )
+        # Sampled steps in flight, finished in order on their own thread.
+        self._finisher = SampledStepFinisher(self._exports.finish)
+        self._warned_slow_drain = False
 
     @property
     def meter(self) -> Meter:
@@ -187,11 +194,8 @@ class Telemetry:
         self._last_step = step
         if step >= self._next_due:
             self._sampled_step(last, step, now)
-        else:
-            if self._pending is not None:  # CUDA: export once the copy has completed
-                self._poll_pending()
-            if len(self._step_durations) > _MAX_BUFFERED_STEP_TIMES:
-                self._flush_step_durations()
+        elif len(self._step_durations) > _MAX_BUFFERED_STEP_TIMES:
+            self._flush_step_durations()
 
     def resume_from(self, step: int) -> None:
         """Continue the step axis from `step` (the last step a restored checkpoint finished)."""
@@ -224,13 +228,16 @@ class Telemetry:
     def flush(self, timeout_millis: float = 10_000) -> bool:
         """Wait until everything exported so far has reached every exporter (a sampled step
         whose values are still on their way from the device is exported first)."""
+        deadline = time.monotonic() + timeout_millis / 1000
         with self._busy():
             if not self._closed_or_forked():
-                self._finish_pending()
-        return self.reader.wait_idle(timeout_millis)
+                self._finisher.drain(timeout_millis / 1000)
+        return self.reader.wait_idle(max(0.0, deadline - time.monotonic()) * 1000)
 
     def export_stats(self) -> dict[str, dict[str, int]]:
-        """Per exporter: batches exported, dropped (queue full) and failed."""
+        """Per exporter: batches exported, dropped (queue full) and failed, counting every
+        sampled step so far (the ones still being finished are handed over first)."""
+        self._finisher.drain(_DRAIN_TIMEOUT_SECONDS)
         return self._exports.export_stats()
 
     def shutdown(self, timeout_millis: float | None = None) -> None:
@@ -243,6 +250,7 @@ class Telemetry:
             if os.getpid() != self._guard.pid:
                 return  # a forked child owns none of the exporters
             budget = self._shutdown_timeout_millis if timeout_millis is None else timeout_millis
+            deadline = time.monotonic() + budget / 1000
             try:
                 self._finish_pending()
                 periodic = frozenset(self._groups.periodic_groups())
@@ -250,11 +258,11 @@ class Telemetry:
                     periodic
                 ):
                     self._begin_export(periodic, self._last_step, self._clock())
-                    self._finish_pending()
+                self._finisher.stop(max(0.0, deadline - time.monotonic()))
                 events.export_final(self._exports, self._last_step)
             except OtelTrainError as error:
                 _logger.error("otel-train: could not export the last values at shutdown: %s", error)
-            self._exports.close(budget)
+            self._exports.close(max(0.0, deadline - time.monotonic()) * 1000)
             from otel_train.process_hooks import untrack
 
             untrack(self)
@@ -263,42 +271,44 @@ class Telemetry:
         with self._busy():
             if self._closed_or_forked():
                 return
-            self._finish_pending()  # the previous sampled step first: exports stay in order
             due = self._groups.groups_due(previous, step)
             self._next_due = self._groups.next_due_step(step)
             if due:
                 self._begin_export(due, step, now, across_ranks=True)
         self._deliver_deferred_signal()
 
-    def _poll_pending(self) -> None:
-        with self._exporting():
-            pending = self._pending
-            if pending is not None and pending.ready() and not self._closed_or_forked():
-                self._finish_pending()
-
     def _begin_export(
         self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
     ) -> None:
-        """Detach the due values and start their transfer; export now if it is complete."""
+        """Detach the due values, start their transfer, hand the rest to the finisher."""
         durations = None
         if "perf" in due:
             durations, self._step_durations = self._step_durations, []
         self._last_exported_step = step
-        job = self._exports.begin(due, step, now, durations, across_ranks=across_ranks)
-        self._pending = job
-        if job.ready():  # the CPU: at once, in this step
-            self._finish_pending()
+        self._finisher.submit(
+            self._exports.begin(due, step, now, durations, across_ranks=across_ranks)
+        )
 
     def _finish_pending(self) -> None:
-        """Export the sampled step in flight, if any (waits for its copy: normally done)."""
-        job, self._pending = self._pending, None
-        if job is not None:
-            self._exports.finish(job)
+        """Export every sampled step still in flight (its copy waited for: normally done),
+        so that what is exported next (an event, the tail) comes after them."""
+        if not self._finisher.drain(_DRAIN_TIMEOUT_SECONDS):
+            self._warn_slow_drain()
+
+    def _warn_slow_drain(self) -> None:
+        if not self._warned_slow_drain:
+            self._warned_slow_drain = True
+            _logger.warning(
+                "otel-train: sampled steps were still being exported after %.0f s; going on "
+                "without waiting for them (an observable callback or exporter hook is slow?)",
+                _DRAIN_TIMEOUT_SECONDS,
+            )
 
     def _flush_step_durations(self) -> None:
-        durations, self._step_durations = self._step_durations, []
-        with self._registry.streams.lock:
-            self._exports.record_step_durations(durations)
+        with self._busy():
+            durations, self._step_durations = self._step_durations, []
+            with self._registry.streams.lock:
+                self._exports.record_step_durations(durations)
 
     def busy_on_this_thread(self) -> bool:
         return self._guard.busy_on_this_thread()
@@ -310,7 +320,7 @@ class Telemetry:
     def _disable_in_forked_child(self) -> None:
         """Called in a forked child (os.register_at_fork): export nothing, take no lock the
         parent's threads may have held at the fork."""
-        self._pending = None  # the parent's copy in flight: not the child's to export
+        self._finisher.forget()  # the parent's steps in flight: not the child's to export
         self._guard.disable_in_forked_child()
 
 

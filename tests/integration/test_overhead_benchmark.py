@@ -33,6 +33,7 @@ def test_overhead_benchmark_smoke_counts_host_materialisations(tmp_path: Path) -
     assert "jsonl" in report["otel_train_exporters_active"]
     # by hand: loss.item() every step (+ grad norm and exp(loss) every 10th) = 1.2 per step.
     assert rows["by hand"]["materialisations_per_step"] == pytest.approx(1.2)
-    # otel-train: one packed transfer per sampled train step (every 10th).
-    assert rows["otel-train"]["materialisations_per_step"] == pytest.approx(0.1, abs=0.05)
+    # otel-train: none on the training thread; its one packed transfer per sampled step is
+    # read on the finisher thread.
+    assert rows["otel-train"]["materialisations_per_step"] == pytest.approx(0.0, abs=1e-9)
     assert "otel-train" in result.stdout and "syncs" in result.stdout

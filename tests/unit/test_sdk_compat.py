@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import json
 import os
 
 import pytest
@@ -202,3 +203,41 @@ def test_wandb_service_process_is_found_where_we_look(tmp_path, monkeypatch):
         assert process.poll() is None and process.pid != os.getpid()
     finally:
         wandb.teardown()
+
+
+def test_point_builders_make_what_the_sdk_constructors_make():
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Gauge,
+        Metric,
+        NumberDataPoint,
+        Sum,
+    )
+
+    from otel_train import _sdk_compat
+
+    assert _sdk_compat.fast_construction_matches(), (
+        "the SDK's NumberDataPoint / Metric / Gauge / Sum changed layout "
+        f"(checked on opentelemetry-sdk {_sdk_compat.CHECKED_ON['opentelemetry-sdk']}): "
+        "the builders fall back to the constructors; update otel_train/_sdk_compat.py"
+    )
+    point = _sdk_compat.number_point({"dataset": "code"}, None, 5, 2.5)
+    assert point == NumberDataPoint({"dataset": "code"}, None, 5, 2.5)
+    assert (
+        point.exemplars == []
+        and point.exemplars is not _sdk_compat.number_point({}, 1, 2, 3).exemplars
+    )
+    gauge = _sdk_compat.gauge_metric("train.loss", "d", "1", [point])
+    assert gauge == Metric("train.loss", "d", "1", Gauge([point]))
+    total = _sdk_compat.sum_metric(
+        "train.tokens", "", "{token}", [point], AggregationTemporality.CUMULATIVE, True
+    )
+    assert total == Metric(
+        "train.tokens", "", "{token}", Sum([point], AggregationTemporality.CUMULATIVE, True)
+    )
+    assert json.loads(total.to_json()) == json.loads(
+        Metric("train.tokens", "", "{token}",
+               Sum([point], AggregationTemporality.CUMULATIVE, True)).to_json()
+    )  # fmt: skip
+    with pytest.raises(AttributeError):  # still frozen
+        point.value = 3.0  # type: ignore[misc]

@@ -41,6 +41,7 @@ def test_a_reader_we_do_not_drive_collects_the_staged_values(telemetry_factory, 
     reader = InMemoryMetricReader()
     tel = telemetry_factory(exporters=[capture, reader], intervals={"train": 5, "perf": 5})
     _train(tel, range(1, 11))
+    tel.flush()  # sampled steps are finished off the training thread
     points = _points(reader.get_metrics_data())
     assert points["train.loss"].data_points[0].value == 8.0  # the last interval's mean
     tokens = points["train.tokens"]
@@ -62,8 +63,10 @@ def test_a_delta_reader_gets_what_changed_since_its_last_collect(telemetry_facto
     reader = InMemoryMetricReader(preferred_temporality=delta)
     tel = telemetry_factory(exporters=[reader], intervals={"train": 5, "perf": 5})
     _train(tel, range(1, 6))
+    tel.flush()  # sampled steps are finished off the training thread
     first = _points(reader.get_metrics_data())
     _train(tel, range(6, 16))
+    tel.flush()
     second = _points(reader.get_metrics_data())
     assert first["train.tokens"].data_points[0].value == 50.0
     assert second["train.tokens"].data_points[0].value == 100.0  # steps 6..15 only
