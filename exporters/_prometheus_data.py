@@ -1,13 +1,18 @@
-"""Shape the step-sampled data for Prometheus' classic exposition before it is rendered.
+"""Keep the step-sampled data for Prometheus cheaply per export; shape it once per render.
 
+- `LatestMetrics` keeps, per (scope name, metric name), the newest metric and, for gauges,
+  the newest point of every series: a batch carries only the gauge series set for its step
+  (never a stale value), a scrape still shows every series' last value. An export costs a
+  dict update per metric; memory is bounded by the series seen, never by the batch count.
 - Exponential histograms (our default for histograms without buckets) have no classic
-  exposition: each becomes an explicit-bucket histogram whose boundaries are the exponential
-  bucket bounds, so no information is lost and `histogram_quantile` works as usual.
-- A batch carries only the gauge series set for its step (never a stale value); a scrape
-  still shows every series' last value, so new points are merged over the kept ones.
+  exposition: at render each becomes an explicit-bucket histogram whose boundaries are the
+  exponential bucket bounds, so no information is lost and `histogram_quantile` works as usual.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -17,9 +22,78 @@ from opentelemetry.sdk.metrics.export import (
     Histogram,
     HistogramDataPoint,
     Metric,
+    MetricsData,
+    NumberDataPoint,
 )
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otel_train.nonfinite import series_key
+from otel_train.nonfinite import SeriesKey, series_key
+from otel_train.reduction import REDUCED_INSTRUMENTS, SCOPE_ATTRIBUTE
+
+# A gauge's kept points: newest point per series, in the order a scrape shows them. A list of
+# (key, point) only where one batch carried two points of one series (exact, but O(series)).
+_Points = dict[SeriesKey, NumberDataPoint] | list[tuple[SeriesKey, NumberDataPoint]]
+
+
+class _Kept:
+    """One (scope name, metric name): its newest metric, and a gauge's points by series."""
+
+    __slots__ = ("metric", "points", "scope")
+
+    def __init__(self, scope: InstrumentationScope, metric: Metric, points: _Points | None) -> None:
+        self.scope, self.metric, self.points = scope, metric, points
+
+
+class LatestMetrics:
+    """What the next scrape shows, updated per export without copying or converting: the
+    conversions (`classic`, scope labels) run at render, once per version. Not thread-safe:
+    the exporter holds its lock around `update` and `snapshot`."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, str], _Kept] = {}
+        self.resource: Resource | None = None
+
+    def update(self, metrics_data: MetricsData) -> None:
+        kept = self._kept
+        for resource_metrics in metrics_data.resource_metrics:
+            self.resource = resource_metrics.resource
+            for scope_metrics in resource_metrics.scope_metrics:
+                scope = scope_metrics.scope
+                for metric in scope_metrics.metrics:
+                    name, data = metric.name, metric.data
+                    entry = kept.get((scope.name, name))
+                    if entry is None:
+                        entry = kept[scope.name, name] = _Kept(scope, metric, None)
+                    else:
+                        entry.scope, entry.metric = scope, metric
+                    if not isinstance(data, Gauge):
+                        entry.points = None
+                    elif entry.points is None:  # new, or was no gauge
+                        entry.points = _series(name, data.data_points)
+                    else:
+                        entry.points = _fold(entry.points, name, data.data_points)
+
+    def snapshot(self) -> list[tuple[InstrumentationScope, Metric]]:
+        """Every kept metric, a gauge with all its series' newest points (the batch's own
+        points last, in its order: what merging each batch over the previous one gives)."""
+        shown = []
+        for entry in self._kept.values():
+            metric, points = entry.metric, entry.points
+            if points is not None:
+                values = (
+                    list(points.values()) if isinstance(points, dict) else [p for _, p in points]
+                )
+                metric = Metric(metric.name, metric.description, metric.unit, Gauge(values))
+            shown.append((entry.scope, metric))
+        return shown
+
+    def retained_points(self) -> int:
+        """Data points held (bounded by the series seen, whatever the batch count)."""
+        return sum(
+            len(e.points) if e.points is not None else len(e.metric.data.data_points)
+            for e in self._kept.values()
+        )
 
 
 def classic(metric: Metric) -> Metric:
@@ -36,19 +110,43 @@ def classic(metric: Metric) -> Metric:
     )
 
 
-def merged(previous: Metric | None, metric: Metric) -> Metric:
-    """A gauge's new points over the previous ones (series not in this batch keep theirs)."""
-    if previous is None or not isinstance(metric.data, Gauge):
-        return metric
-    if not isinstance(previous.data, Gauge):
-        return metric
-    name = metric.name
-    fresh = {series_key(name, p.attributes) for p in metric.data.data_points}
-    kept = [p for p in previous.data.data_points if series_key(name, p.attributes) not in fresh]
-    if not kept:
-        return metric
-    points = [*kept, *metric.data.data_points]
-    return Metric(metric.name, metric.description, metric.unit, Gauge(points))
+def _keys(name: str, points: Sequence[NumberDataPoint]) -> list[SeriesKey]:
+    """Series keys of a gauge's points. Reduced instruments get `scope=` at render, over any
+    `scope` attribute of their own, so that one is left out of their key."""
+    if name in REDUCED_INSTRUMENTS:
+        return [series_key(name, _unscoped(p.attributes)) for p in points]
+    return [series_key(name, p.attributes) for p in points]
+
+
+def _unscoped(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if not attributes or SCOPE_ATTRIBUTE not in attributes:
+        return attributes
+    return {k: v for k, v in attributes.items() if k != SCOPE_ATTRIBUTE}
+
+
+def _series(name: str, points: Sequence[NumberDataPoint]) -> _Points:
+    keys = _keys(name, points)
+    pairs = list(zip(keys, points, strict=True))
+    return dict(pairs) if len(set(keys)) == len(keys) else pairs
+
+
+def _fold(kept: _Points, name: str, points: Sequence[NumberDataPoint]) -> _Points:
+    """A batch's points over the kept ones: its series move to the end in its order, the
+    others keep their place and last value (O(points in the batch) for the dict)."""
+    if isinstance(kept, dict) and len(kept) == len(points):
+        # The usual batch: the same series as last time, in the same order (equal attributes
+        # give equal keys), so the batch's points replace the kept ones where they are.
+        if all(o.attributes == p.attributes for o, p in zip(kept.values(), points, strict=True)):
+            return dict(zip(kept, points, strict=True))
+    keys = _keys(name, points)
+    if isinstance(kept, dict) and (len(keys) < 2 or len(set(keys)) == len(keys)):
+        for key in keys:
+            kept.pop(key, None)
+        kept.update(zip(keys, points, strict=True))
+        return kept
+    fresh = set(keys)
+    pairs = kept.items() if isinstance(kept, dict) else kept
+    return [*((k, p) for k, p in pairs if k not in fresh), *zip(keys, points, strict=True)]
 
 
 def _explicit(point: ExponentialHistogramDataPoint) -> HistogramDataPoint:

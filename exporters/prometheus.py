@@ -1,8 +1,9 @@
 """Prometheus pull endpoint for one rank, fed by the step-sampled export (a push exporter).
 
-Each export (a sampled step, an event, the tail at shutdown) updates the latest values; the
-exposition is rendered at most once per export, on the first scrape after it, and every
-scrape is served those bytes. A scrape never collects, never resolves staged tensors, never
+Each export (a sampled step, an event, the tail at shutdown) updates the latest values (a
+dict update per metric: export threads hold the GIL the training thread needs); the
+exposition is shaped and rendered at most once per export, on the first scrape after it, and
+every scrape is served those bytes. A scrape never collects, never resolves staged tensors, never
 forces a device sync. Port = base (default 9464) + local rank; 127.0.0.1 unless told otherwise.
 """
 
@@ -35,7 +36,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters._prometheus_data import classic, merged
+from exporters._prometheus_data import LatestMetrics, classic
 from exporters._scrape_server import ScrapeServer
 from otel_train.errors import OtelTrainError
 from otel_train.reduction import with_scope
@@ -165,8 +166,7 @@ class PrometheusExporter(MetricExporter):
         self._resource_labels = frozenset(resource_labels)
         self._global_values = False
         self._lock = threading.Lock()  # latest values: export thread vs. scrape thread
-        self._latest: dict[tuple[str, str], tuple[InstrumentationScope, Metric]] = {}
-        self._resource: Resource | None = None
+        self._latest = LatestMetrics()
         self._version = 0
         self._render_lock = threading.Lock()
         self._rendered: tuple[int, bytes] = (0, b"")
@@ -224,18 +224,10 @@ class PrometheusExporter(MetricExporter):
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         """Remember each metric's newest (cumulative) state; a batch holds only the groups
-        due at its step, the others keep their values from earlier exports."""
-        metrics_data = with_scope(metrics_data, global_values=self._global_values)
+        due at its step, the others keep their values from earlier exports. Shaping for
+        Prometheus waits for the next scrape (exports come every few ms, scrapes every ~15 s)."""
         with self._lock:
-            for resource_metrics in metrics_data.resource_metrics:
-                self._resource = resource_metrics.resource
-                for scope_metrics in resource_metrics.scope_metrics:
-                    scope = scope_metrics.scope
-                    for metric in scope_metrics.metrics:
-                        key = (scope.name, metric.name)
-                        previous = self._latest.get(key)
-                        shaped = merged(previous[1] if previous else None, classic(metric))
-                        self._latest[key] = (scope, shaped)
+            self._latest.update(metrics_data)
             self._version += 1
         return MetricExportResult.SUCCESS
 
@@ -249,9 +241,9 @@ class PrometheusExporter(MetricExporter):
                 version = self._version
                 if self._rendered[0] == version:
                     return self._rendered
-                resource = self._resource
-                latest = list(self._latest.values())
-            body = _render(resource, latest, self._resource_labels)
+                resource = self._latest.resource
+                latest = self._latest.snapshot()
+            body = _render(resource, latest, self._resource_labels, self._global_values)
             self._rendered = (version, body)
             self.renders += 1
             return self._rendered
@@ -288,14 +280,17 @@ def _render(
     resource: Resource | None,
     latest: Sequence[tuple[InstrumentationScope, Metric]],
     resource_labels: frozenset[str],
+    global_values: bool,
 ) -> bytes:
     if resource is None:
         return b""
     by_scope: dict[str, tuple[InstrumentationScope, list[Metric]]] = {}
     for scope, metric in latest:
-        by_scope.setdefault(scope.name, (scope, []))[1].append(metric)
+        by_scope.setdefault(scope.name, (scope, []))[1].append(classic(metric))
     scopes = [ScopeMetrics(scope, metrics, "") for scope, metrics in by_scope.values()]
-    data = MetricsData([ResourceMetrics(resource, scopes, "")])
+    data = with_scope(
+        MetricsData([ResourceMetrics(resource, scopes, "")]), global_values=global_values
+    )
     # Scope labels (otel_scope_*) are off: our instruments share one scope, and empty labels
     # only clutter legends; target_info still carries the full resource.
     collector = _PrometheusTranslator(
