@@ -31,18 +31,21 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from otel_train.nonfinite import SeriesKey, series_key
 from otel_train.reduction import REDUCED_INSTRUMENTS, SCOPE_ATTRIBUTE
 
-# A gauge's kept points: newest point per series, in the order a scrape shows them. A list of
-# (key, point) only where one batch carried two points of one series (exact, but O(series)).
+# A gauge's series that its newest batch did not carry: their newest point each, in the order
+# a scrape shows them. A list of (key, point) only where one batch carried two points of one
+# series (exact, but O(series) per change).
 _Points = dict[SeriesKey, NumberDataPoint] | list[tuple[SeriesKey, NumberDataPoint]]
 
 
 class _Kept:
-    """One (scope name, metric name): its newest metric, and a gauge's points by series."""
+    """One (scope name, metric name): its newest metric, and for a gauge the series older
+    batches carried and the newest did not."""
 
-    __slots__ = ("metric", "points", "scope")
+    __slots__ = ("metric", "older", "scope")
 
-    def __init__(self, scope: InstrumentationScope, metric: Metric, points: _Points | None) -> None:
-        self.scope, self.metric, self.points = scope, metric, points
+    def __init__(self, scope: InstrumentationScope, metric: Metric) -> None:
+        self.scope, self.metric = scope, metric
+        self.older: _Points | None = None
 
 
 class LatestMetrics:
@@ -61,39 +64,39 @@ class LatestMetrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 scope = scope_metrics.scope
                 for metric in scope_metrics.metrics:
-                    name, data = metric.name, metric.data
-                    entry = kept.get((scope.name, name))
+                    entry = kept.get((scope.name, metric.name))
                     if entry is None:
-                        entry = kept[scope.name, name] = _Kept(scope, metric, None)
-                    else:
-                        entry.scope, entry.metric = scope, metric
-                    if not isinstance(data, Gauge):
-                        entry.points = None
-                    elif entry.points is None:  # new, or was no gauge
-                        entry.points = _series(name, data.data_points)
-                    else:
-                        entry.points = _fold(entry.points, name, data.data_points)
+                        kept[scope.name, metric.name] = _Kept(scope, metric)
+                        continue
+                    previous, data = entry.metric.data, metric.data
+                    entry.scope, entry.metric = scope, metric
+                    if not isinstance(data, Gauge) or not isinstance(previous, Gauge):
+                        entry.older = None
+                        continue
+                    new, old = data.data_points, previous.data_points
+                    if len(new) == len(old) and all(
+                        n.attributes == o.attributes for n, o in zip(new, old, strict=True)
+                    ):
+                        continue  # the usual batch: the last batch's series again
+                    entry.older = _fold(entry.older, metric.name, old, new)
 
     def snapshot(self) -> list[tuple[InstrumentationScope, Metric]]:
-        """Every kept metric, a gauge with all its series' newest points (the batch's own
-        points last, in its order: what merging each batch over the previous one gives)."""
+        """Every kept metric, a gauge with all its series' newest points (the older series
+        first, then the newest batch's in its order: what merging each batch over the
+        previous one gives)."""
         shown = []
         for entry in self._kept.values():
-            metric, points = entry.metric, entry.points
-            if points is not None:
-                values = (
-                    list(points.values()) if isinstance(points, dict) else [p for _, p in points]
-                )
-                metric = Metric(metric.name, metric.description, metric.unit, Gauge(values))
+            metric, older = entry.metric, entry.older
+            if older:
+                kept = list(older.values()) if isinstance(older, dict) else [p for _, p in older]
+                points = [*kept, *metric.data.data_points]
+                metric = Metric(metric.name, metric.description, metric.unit, Gauge(points))
             shown.append((entry.scope, metric))
         return shown
 
     def retained_points(self) -> int:
         """Data points held (bounded by the series seen, whatever the batch count)."""
-        return sum(
-            len(e.points) if e.points is not None else len(e.metric.data.data_points)
-            for e in self._kept.values()
-        )
+        return sum(len(e.metric.data.data_points) + len(e.older or ()) for e in self._kept.values())
 
 
 def classic(metric: Metric) -> Metric:
@@ -124,29 +127,26 @@ def _unscoped(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return {k: v for k, v in attributes.items() if k != SCOPE_ATTRIBUTE}
 
 
-def _series(name: str, points: Sequence[NumberDataPoint]) -> _Points:
-    keys = _keys(name, points)
-    pairs = list(zip(keys, points, strict=True))
-    return dict(pairs) if len(set(keys)) == len(keys) else pairs
-
-
-def _fold(kept: _Points, name: str, points: Sequence[NumberDataPoint]) -> _Points:
-    """A batch's points over the kept ones: its series move to the end in its order, the
-    others keep their place and last value (O(points in the batch) for the dict)."""
-    if isinstance(kept, dict) and len(kept) == len(points):
-        # The usual batch: the same series as last time, in the same order (equal attributes
-        # give equal keys), so the batch's points replace the kept ones where they are.
-        if all(o.attributes == p.attributes for o, p in zip(kept.values(), points, strict=True)):
-            return dict(zip(kept, points, strict=True))
-    keys = _keys(name, points)
-    if isinstance(kept, dict) and (len(keys) < 2 or len(set(keys)) == len(keys)):
+def _fold(
+    older: _Points | None,
+    name: str,
+    previous: Sequence[NumberDataPoint],
+    new: Sequence[NumberDataPoint],
+) -> _Points:
+    """The series not in `new`: the older ones, then the previous batch's, in their order.
+    With unique keys, O(points of the two batches), whatever the series kept."""
+    previous_keys, keys = _keys(name, previous), _keys(name, new)
+    fresh = set(keys)
+    if len(set(previous_keys)) == len(previous_keys) and not isinstance(older, list):
+        kept = {} if older is None else older
         for key in keys:
             kept.pop(key, None)
-        kept.update(zip(keys, points, strict=True))
+        kept.update((k, p) for k, p in zip(previous_keys, previous, strict=True) if k not in fresh)
         return kept
-    fresh = set(keys)
-    pairs = kept.items() if isinstance(kept, dict) else kept
-    return [*((k, p) for k, p in pairs if k not in fresh), *zip(keys, points, strict=True)]
+    pairs = () if older is None else older.items() if isinstance(older, dict) else older
+    return [
+        (k, p) for k, p in (*pairs, *zip(previous_keys, previous, strict=True)) if k not in fresh
+    ]
 
 
 def _explicit(point: ExponentialHistogramDataPoint) -> HistogramDataPoint:
