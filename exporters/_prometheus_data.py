@@ -41,11 +41,12 @@ class _Kept:
     """One (scope name, metric name): its newest metric, and for a gauge the series older
     batches carried and the newest did not."""
 
-    __slots__ = ("metric", "older", "scope")
+    __slots__ = ("keys", "metric", "older", "scope")
 
     def __init__(self, scope: InstrumentationScope, metric: Metric) -> None:
         self.scope, self.metric = scope, metric
         self.older: _Points | None = None
+        self.keys: list[SeriesKey] | None = None  # of the newest batch's points, once needed
 
 
 class LatestMetrics:
@@ -71,14 +72,17 @@ class LatestMetrics:
                     previous, data = entry.metric.data, metric.data
                     entry.scope, entry.metric = scope, metric
                     if not isinstance(data, Gauge) or not isinstance(previous, Gauge):
-                        entry.older = None
+                        entry.older = entry.keys = None
                         continue
                     new, old = data.data_points, previous.data_points
                     if len(new) == len(old) and all(
-                        n.attributes == o.attributes for n, o in zip(new, old, strict=True)
+                        _same(n.attributes, o.attributes) for n, o in zip(new, old, strict=True)
                     ):
                         continue  # the usual batch: the last batch's series again
-                    entry.older = _fold(entry.older, metric.name, old, new)
+                    previous_keys = entry.keys or _keys(metric.name, old)
+                    entry.keys = keys = _keys(metric.name, new)
+                    if keys != previous_keys:
+                        entry.older = _fold(entry.older, previous_keys, old, keys)
 
     def snapshot(self) -> list[tuple[InstrumentationScope, Metric]]:
         """Every kept metric, a gauge with all its series' newest points (the older series
@@ -121,6 +125,12 @@ def _keys(name: str, points: Sequence[NumberDataPoint]) -> list[SeriesKey]:
     return [series_key(name, p.attributes) for p in points]
 
 
+def _same(attributes: Mapping[str, Any] | None, other: Mapping[str, Any] | None) -> bool:
+    """Surely one series, without building keys: both without attributes, or one mapping.
+    (Equal mappings are not enough: {"gpu": 1} == {"gpu": 1.0}, two series for the keys.)"""
+    return attributes is other or (not attributes and not other)
+
+
 def _unscoped(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     if not attributes or SCOPE_ATTRIBUTE not in attributes:
         return attributes
@@ -129,13 +139,12 @@ def _unscoped(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 def _fold(
     older: _Points | None,
-    name: str,
+    previous_keys: list[SeriesKey],
     previous: Sequence[NumberDataPoint],
-    new: Sequence[NumberDataPoint],
+    keys: list[SeriesKey],
 ) -> _Points:
-    """The series not in `new`: the older ones, then the previous batch's, in their order.
-    With unique keys, O(points of the two batches), whatever the series kept."""
-    previous_keys, keys = _keys(name, previous), _keys(name, new)
+    """The series not in the new batch (`keys`): the older ones, then the previous batch's,
+    in their order. With unique keys, O(points of the two batches), whatever the series kept."""
     fresh = set(keys)
     if len(set(previous_keys)) == len(previous_keys) and not isinstance(older, list):
         kept = {} if older is None else older

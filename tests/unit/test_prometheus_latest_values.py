@@ -124,6 +124,8 @@ def _batch(step: int, rng: random.Random) -> MetricsData:
     ours = [
         Metric("gpu.utilization", "Busy", "%", Gauge(gpu)),
         Metric("gpu.memory", "Used", "By", Gauge(memory)),
+        # Equal attributes, two series: 1 == 1.0, but the labels read "1" and "1.0".
+        Metric("gpu.clock", "Clock", "Hz", Gauge([_point(step, {"gpu": 1 if step % 2 else 1.0}, time)])),
         Metric("train.loss", "Loss", "1", Gauge(loss)),
         Metric("train.tokens", "Tokens", "{token}", Sum(
             [_point(10.0 * step, {}, time)], AggregationTemporality.CUMULATIVE, True)),
@@ -131,7 +133,7 @@ def _batch(step: int, rng: random.Random) -> MetricsData:
     ]  # fmt: skip
     if step % 3 == 0:  # a group due every 3rd step only
         ours.append(_histogram(step, time))
-    shape: Gauge | Sum = Gauge([_point(step, {"k": step % 2}, time)])
+    shape: Gauge | Sum = Gauge([_point(step, {"k": step % 3}, time)])
     if step % 4 == 0:  # an instrument whose kind changes: a sum replaces the kept gauge
         shape = Sum([_point(step, {}, time)], AggregationTemporality.CUMULATIVE, False)
     user = [Metric("train.loss", "Theirs", "1", Gauge([_point(step, {"w": step % 3}, time)]))]
@@ -185,7 +187,8 @@ def test_a_scrape_after_any_batches_shows_what_eager_shaping_showed(
     assert text.count("train_latency_seconds_bucket{") > 3 and "train_latency_seconds_sum" in text
     assert f'train_loss{{phase="cool",rank="0",run="lazy",scope="{scope}"' in text
     assert 'scope="mine"' not in text
-    assert 'user_shape{k="0"' in text and 'user_shape{k="1"' in text  # a gauge again
+    assert 'gpu_clock_hertz{gpu="1"' in text and 'gpu_clock_hertz{gpu="1.0"' in text
+    assert all(f'user_shape{{k="{k}"' in text for k in range(3))  # a gauge again
 
 
 def _retained_bytes(root: object) -> int:
