@@ -11,6 +11,7 @@ once for every exporter that shares the run's key namer instead of once per expo
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -28,9 +29,12 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from otel_train.exponential import ExponentialIntervals
-from otel_train.naming import KeyNamer, attribute_suffix
+from otel_train.naming import AttributeSuffixes, KeyNamer
 
 GLOBAL_STEP_INSTRUMENT = "train.global_step"
+_SCALAR, _HISTOGRAM, _EXPONENTIAL, _OTHER = range(4)  # how a metric's data turns into values
+_QUANTILES = (0.5, 0.95)  # exported as _p50 / _p95
+_MAX_CACHED = 8192  # (instrument, attribute set) key entries kept per builder
 
 
 @dataclass(slots=True)
@@ -56,82 +60,153 @@ def bucket_quantile(
     `low` / `high` bound the first and the overflow bucket (the recorded min and max), which
     would otherwise be guessed as 0 and the last boundary.
     """
+    return bucket_quantiles((quantile,), boundaries, counts, low=low, high=high)[0]
+
+
+def bucket_quantiles(
+    quantiles: Sequence[float],
+    boundaries: Sequence[float],
+    counts: Sequence[float],
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+) -> list[float | None]:
+    """`bucket_quantile` of each of `quantiles` (ascending), in one walk over the buckets: the
+    same cumulative sums, so the same numbers as one call per quantile."""
     total = sum(counts)
     if total <= 0:
-        return None
-    rank = quantile * total
+        return [None] * len(quantiles)
+    estimates: list[float | None] = []
+    pending = iter(quantiles)
+    rank = next(pending, None)
     cumulative = 0.0
     for index, count in enumerate(counts):
+        if rank is None:
+            break
         if count <= 0:
             continue
-        if cumulative + count >= rank:
+        while rank is not None and cumulative + count >= rank * total:
             lower = boundaries[index - 1] if index > 0 else min(low, boundaries[0])
             if index >= len(boundaries):  # overflow bucket: up to the recorded max
                 upper = high if high is not None else lower
             else:
                 upper = boundaries[index] if high is None else min(boundaries[index], high)
             lower = max(lower, low) if index == 0 else lower
-            return lower + (upper - lower) * ((rank - cumulative) / count)
+            quantile_rank = rank * total
+            estimates.append(lower + (upper - lower) * ((quantile_rank - cumulative) / count))
+            rank = next(pending, None)
         cumulative += count
-    return float(boundaries[-1]) if boundaries else None
+    fallback = float(boundaries[-1]) if boundaries else None
+    estimates.extend(fallback for _ in range(len(quantiles) - len(estimates)))
+    return estimates
 
 
 class RowBuilder:
-    """Stateful because histogram intervals are differences of cumulative exports."""
+    """Stateful because histogram intervals are differences of cumulative exports.
+
+    Runs on an export thread once per batch, holding the GIL the training thread needs, so
+    what does not change between batches is worked out once: each (instrument, attribute set)
+    pair's output keys and scales, and each data type's kind.
+    """
 
     def __init__(self, namer: KeyNamer | None = None) -> None:
         self.namer = namer or KeyNamer()
         self._previous_histograms: dict[str, tuple[float, float, tuple[float, ...]]] = {}
         self._exponential = ExponentialIntervals()
+        self._suffixes = AttributeSuffixes()
+        self._keys: dict[str, tuple[tuple[str, float], ...]] = {}  # (instrument, "") keys
+        self._suffixed_keys: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {}
+        self._kinds: dict[type, int] = {}
 
     def build(self, metrics_data: MetricsData) -> MetricRow:
-        row = MetricRow(step=None, time=0.0)
+        values: dict[str, float] = {}
+        nonfinite: list[str] = []
+        step: int | None = None
         latest_nanos = 0
+        isfinite = math.isfinite
+        keys_of, suffix_of, kinds = self._keys, self._suffixes.of, self._kinds
         for resource_metrics in metrics_data.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 for metric in scope_metrics.metrics:
                     data = metric.data
-                    for point in data.data_points:
-                        latest_nanos = max(latest_nanos, point.time_unix_nano)
-                    if metric.name == GLOBAL_STEP_INSTRUMENT and data.data_points:
-                        row.step = int(data.data_points[-1].value)  # type: ignore[union-attr]
-                    if isinstance(data, Histogram):
-                        self._add_histogram(row, metric.name, data)
-                    elif isinstance(data, ExponentialHistogram):
-                        self._add_exponential(row, metric.name, data)
-                    elif isinstance(data, (Gauge, Sum)):
-                        for point in data.data_points:
-                            suffix = attribute_suffix(point.attributes)
-                            self._put(row, metric.name, suffix, float(point.value))
-        row.time = latest_nanos / 1e9 if latest_nanos else 0.0
-        return row
+                    points = data.data_points
+                    if not points:
+                        continue
+                    name = metric.name
+                    kind = kinds.get(type(data))
+                    if kind is None:
+                        kind = kinds[type(data)] = _kind_of(data)
+                    if name == GLOBAL_STEP_INSTRUMENT:
+                        step = int(points[-1].value)  # type: ignore[union-attr]
+                    if kind != _SCALAR:
+                        for point in points:
+                            if point.time_unix_nano > latest_nanos:
+                                latest_nanos = point.time_unix_nano
+                        row = MetricRow(step=None, time=0.0, values=values, nonfinite=nonfinite)
+                        if kind == _HISTOGRAM:
+                            self._add_histogram(row, name, data)  # type: ignore[arg-type]
+                        elif kind == _EXPONENTIAL:
+                            self._add_exponential(row, name, data)  # type: ignore[arg-type]
+                        continue
+                    for point in points:
+                        if point.time_unix_nano > latest_nanos:
+                            latest_nanos = point.time_unix_nano
+                        attributes = point.attributes
+                        if attributes:
+                            keys = self._keys_for(name, suffix_of(attributes))
+                        else:
+                            keys = keys_of.get(name) or self._keys_for(name, "")
+                        value = float(point.value)  # type: ignore[union-attr]
+                        for key, scale in keys:
+                            scaled = value * scale if scale != 1.0 else value
+                            values[key] = scaled
+                            if not isfinite(scaled):
+                                nonfinite.append(key)
+        return MetricRow(
+            step=step,
+            time=latest_nanos / 1e9 if latest_nanos else 0.0,
+            values=values,
+            nonfinite=nonfinite,
+        )
+
+    def _keys_for(self, name: str, suffix: str) -> tuple[tuple[str, float], ...]:
+        """The output keys of one instrument's data point with this attribute suffix."""
+        keys = self._suffixed_keys.get((name, suffix))
+        if keys is None:
+            keys = tuple((spec.key + suffix, spec.scale) for spec in self.namer.keys_for(name))
+            if len(self._suffixed_keys) >= _MAX_CACHED:
+                self._suffixed_keys.clear()  # bounded, whatever attributes a user records
+            self._suffixed_keys[(name, suffix)] = keys
+            if not suffix:
+                self._keys[name] = keys
+        return keys
 
     def _put(self, row: MetricRow, name: str, suffix: str, value: float) -> None:
-        for spec in self.namer.keys_for(name):
-            key = spec.key + suffix
-            scaled = value * spec.scale if spec.scale != 1.0 else value
+        for key, scale in self._keys_for(name, suffix):
+            scaled = value * scale if scale != 1.0 else value
             row.values[key] = scaled
             if not math.isfinite(scaled):
                 row.nonfinite.append(key)
 
     def _add_histogram(self, row: MetricRow, name: str, data: Histogram) -> None:
         for point in data.data_points:
-            suffix = attribute_suffix(point.attributes)
+            suffix = self._suffixes.of(point.attributes)
             count, total, counts = self._interval(name + suffix, data, point)
             if count <= 0:
                 continue
             self._put(row, name, suffix, total / count)
-            for quantile, label in ((0.5, "_p50"), (0.95, "_p95")):
-                estimate = bucket_quantile(
-                    quantile, point.explicit_bounds, counts, low=point.min, high=point.max
-                )
-                if estimate is not None:
-                    self._put(row, name, suffix + label, estimate)
+            p50, p95 = bucket_quantiles(
+                _QUANTILES, point.explicit_bounds, counts, low=point.min, high=point.max
+            )
+            if p50 is not None:
+                self._put(row, name, suffix + "_p50", p50)
+            if p95 is not None:
+                self._put(row, name, suffix + "_p95", p95)
 
     def _add_exponential(self, row: MetricRow, name: str, data: ExponentialHistogram) -> None:
         cumulative = data.aggregation_temporality == AggregationTemporality.CUMULATIVE
         for point in data.data_points:
-            suffix = attribute_suffix(point.attributes)
+            suffix = self._suffixes.of(point.attributes)
             interval = self._exponential.interval(name + suffix, point, cumulative=cumulative)
             if interval is None:
                 continue
@@ -142,7 +217,7 @@ class RowBuilder:
     def _interval(
         self, identity: str, data: Histogram, point: HistogramDataPoint
     ) -> tuple[float, float, tuple[float, ...]]:
-        counts = tuple(float(c) for c in point.bucket_counts)
+        counts = tuple(map(float, point.bucket_counts))
         if data.aggregation_temporality == AggregationTemporality.DELTA:
             return float(point.count), float(point.sum), counts
         previous = self._previous_histograms.get(identity)
@@ -152,8 +227,18 @@ class RowBuilder:
         return (
             point.count - previous[0],
             point.sum - previous[1],
-            tuple(now - before for now, before in zip(counts, previous[2], strict=True)),
+            tuple(map(operator.sub, counts, previous[2])),  # lengths checked above
         )
+
+
+def _kind_of(data: Any) -> int:
+    if isinstance(data, Histogram):
+        return _HISTOGRAM
+    if isinstance(data, ExponentialHistogram):
+        return _EXPONENTIAL
+    if isinstance(data, (Gauge, Sum)):
+        return _SCALAR
+    return _OTHER
 
 
 class StepBatch(MetricsData):
