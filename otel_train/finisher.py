@@ -83,15 +83,21 @@ class SampledStepFinisher(Generic[Job]):
                 "waits for room (a slow observable callback or exporter hook?)",
                 MAX_IN_FLIGHT,
             )
-        deadline = time.monotonic() + _ROOM_TIMEOUT_SECONDS
+        self._forced_wait(lambda: len(self._jobs) >= MAX_IN_FLIGHT, _ROOM_TIMEOUT_SECONDS)
+
+    def _forced_wait(self, waiting: Callable[[], bool], timeout_seconds: float) -> bool:
+        """Wait, holding the condition, while `waiting()`; the thread finishes jobs whose copy
+        is still in flight meanwhile. False on timeout or if the thread is gone."""
+        deadline = time.monotonic() + timeout_seconds
         self._forcing += 1
         self._condition.notify_all()
         try:
-            while len(self._jobs) >= MAX_IN_FLIGHT and self._thread_alive():
+            while waiting():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
+                if remaining <= 0 or not self._thread_alive():
+                    return False
                 self._condition.wait(remaining)
+            return True
         finally:
             self._forcing -= 1
 
@@ -107,21 +113,10 @@ class SampledStepFinisher(Generic[Job]):
         all are done within the timeout; from the finisher thread itself: at once, False."""
         if threading.current_thread() is self._thread:
             return False  # an observable callback calling flush(): it cannot wait for itself
-        deadline = time.monotonic() + timeout_seconds
         with self._condition:
             if not self._jobs and not self._busy:
                 return True
-            self._forcing += 1
-            self._condition.notify_all()
-            try:
-                while self._jobs or self._busy:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._thread_alive():
-                        return False
-                    self._condition.wait(remaining)
-                return True
-            finally:
-                self._forcing -= 1
+            return self._forced_wait(lambda: bool(self._jobs) or self._busy, timeout_seconds)
 
     def stop(self, timeout_seconds: float) -> bool:
         """Drain within the timeout, then end the thread. Jobs left are dropped (logged)."""
