@@ -252,7 +252,7 @@ class Telemetry:
             budget = self._shutdown_timeout_millis if timeout_millis is None else timeout_millis
             deadline = time.monotonic() + budget / 1000
             try:
-                self._finish_pending()
+                self._finisher.drain(budget / 1000)  # the steps in flight, within the budget
                 periodic = frozenset(self._groups.periodic_groups())
                 if self._last_step > self._last_exported_step or self._registry.pending_in(
                     periodic
