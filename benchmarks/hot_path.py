@@ -20,13 +20,15 @@ competes with the training thread for the GIL).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,22 @@ def make_wandb_bench() -> Callable[[int], float] | None:
     return bench
 
 
+@contextlib.contextmanager
+def _counting_full_collections() -> Iterator[list[int]]:
+    """Counts generation-2 garbage collections while the block runs (`counted[0]`)."""
+    counted = [0]
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            counted[0] += 1
+
+    gc.callbacks.append(count)
+    try:
+        yield counted
+    finally:
+        gc.callbacks.remove(count)
+
+
 # -- what the export threads take from the training thread ------------------------------------
 def _thread_cpu(thread: threading.Thread) -> float:
     if thread.ident is None:
@@ -240,17 +258,25 @@ def main() -> None:
         wandb_steps = max(500, steps // 20)
         cases["(c) wandb.log every step, offline"] = lambda: wandb_bench(wandb_steps)
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    full_collections = {name: 0 for name in cases}
     for _ in range(args.rounds):
         for name, run in cases.items():
-            samples[name].append(run())
+            with _counting_full_collections() as counted:
+                samples[name].append(run())
+            full_collections[name] += counted[0]
     if wandb_bench is not None:
         wandb_bench.finish()  # type: ignore[attr-defined]
     sdk = statistics.median(samples["(b) OTel SDK instruments, every step"])
-    print(f"{'case':50s} {'median us':>10s} {'x (b)':>7s} {'spread us':>12s}")
+    print(f"{'case':50s} {'median us':>10s} {'x (b)':>7s} {'spread us':>12s} {'full GCs':>8s}")
     for name, values in samples.items():
         median = statistics.median(values)
         spread = f"{min(values) * 1e6:.1f}-{max(values) * 1e6:.1f}"
-        print(f"{name:50s} {median * 1e6:10.2f} {median / sdk:7.3f} {spread:>12s}")
+        print(
+            f"{name:50s} {median * 1e6:10.2f} {median / sdk:7.3f} {spread:>12s} "
+            f"{full_collections[name]:8d}"
+        )
+    print("full GCs: generation-2 garbage collections in all rounds of the case (each walks")
+    print("the whole heap, ~0.1 s with torch loaded: objects that outlive a few ms cause them)")
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; steps per round "
           f"{steps}, rounds {args.rounds}")  # fmt: skip
     if args.skip_threads:

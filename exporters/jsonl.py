@@ -45,7 +45,13 @@ def rank_file_name(rank: int) -> str:
 
 def row_to_json(row: MetricRow, *, run: str, stage: str, rank: int) -> str:
     """The line for one row: always valid JSON (allow_nan=False proves it)."""
-    metrics = {key: (value if math.isfinite(value) else None) for key, value in row.values.items()}
+    values = row.values
+    # Copied only to spell non-finite values as null (the row is shared: never changed).
+    metrics = (
+        {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        if row.nonfinite
+        else values
+    )
     record: dict[str, Any] = {
         "step": row.step,
         # The collection time; a batch with no data point carries none, so the export's own.
@@ -187,6 +193,11 @@ class JsonLinesMetricExporter(MetricExporter):
                 return MetricExportResult.FAILURE
         return MetricExportResult.SUCCESS
 
+    def reads_only_shared_rows(self, namer: KeyNamer) -> bool:
+        """`export()` reads nothing of a step-sampled batch but its row, when the batch's rows
+        use our key namer (setup() binds us to the run's): the reader may queue the row alone."""
+        return self._rows.namer is namer
+
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         with self._lock:
             if self._file is None or self._file.closed:
@@ -211,11 +222,12 @@ def _write_whole_line(file: IO[bytes], payload: bytes) -> None:
     """One write(2); a short write (disk full) is cut back so no half line stays behind.
 
     Appends land at the end of the file whatever the offset says (O_APPEND; after a failed
-    write the offset can be stale), so the line starts at the file's current size."""
-    start = os.fstat(file.fileno()).st_size
+    write the offset can be stale), so the part written is the file's last `written` bytes
+    (one writer per file: this exporter, under its lock). Asking the size only then keeps a
+    syscall off every line."""
     written = file.write(payload)
     if written is not None and written < len(payload):
-        os.ftruncate(file.fileno(), start)
+        os.ftruncate(file.fileno(), max(0, os.fstat(file.fileno()).st_size - written))
         raise OSError(errno.ENOSPC, f"short write: {written} of {len(payload)} bytes")
 
 

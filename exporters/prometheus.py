@@ -163,6 +163,9 @@ class PrometheusExporter(MetricExporter):
             env=os.environ,
         )
         super().__init__(preferred_temporality=_CUMULATIVE)  # type: ignore[arg-type]
+        # export() only keeps the newest values in memory (scrapes render them): the reader
+        # calls it on the finisher thread rather than through a queue (InMemoryExport).
+        self.export_is_in_memory = True
         self._resource_labels = frozenset(resource_labels)
         self._global_values = False
         self._lock = threading.Lock()  # latest values: export thread vs. scrape thread

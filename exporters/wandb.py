@@ -196,6 +196,11 @@ class WandbMetricExporter(MetricExporter):
                 return MetricExportResult.FAILURE
         return MetricExportResult.SUCCESS
 
+    def reads_only_shared_rows(self, namer: KeyNamer) -> bool:
+        """`export()` reads nothing of a step-sampled batch but its row, when the batch's rows
+        use our key namer (setup() binds us to the run's): the reader may queue the row alone."""
+        return self._rows.namer is namer
+
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True  # wandb.log hands rows to wandb's own process; finish() makes them durable
 

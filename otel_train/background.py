@@ -1,7 +1,10 @@
 """Export off the training thread: one bounded queue and one daemon thread per push exporter.
 
 A slow or dead backend fills its own queue and loses its oldest batches (counted, logged
-once); it never blocks `step()` and never delays the other exporters.
+once); it never blocks `step()` and never delays the other exporters. An exporter that only
+updates memory (`InMemoryExport`: Prometheus) is called at once instead (`export_now`), on
+the finisher thread: it has no backend to wait for, and a batch that is not queued dies where
+it was made instead of living long enough to be promoted by the garbage collector.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from collections import deque
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+
+from otel_train.exporter_contract import InMemoryExport, ReadsOnlySharedRows
 
 _logger = logging.getLogger("otel_train.export")
 
@@ -37,6 +42,13 @@ class BackgroundExporter:
         self.failed = 0
         self._warned_drop = False
         self._warned_failure = False
+        # Declared hooks, looked up once (a Protocol isinstance check costs ~10 us).
+        self.in_memory = (
+            isinstance(exporter, InMemoryExport) and exporter.export_is_in_memory is True
+        )
+        self.rows_reader: ReadsOnlySharedRows | None = (
+            exporter if isinstance(exporter, ReadsOnlySharedRows) else None
+        )
         self._thread = threading.Thread(
             target=self._run, name=f"otel-train-export-{name}", daemon=True
         )
@@ -52,6 +64,16 @@ class BackgroundExporter:
                 self._queue.popleft()
                 self._count_drop(1)
             self._queue.append(batch)
+
+    def export_now(self, batch: MetricsData) -> None:
+        """An `in_memory` exporter, on the caller's thread (the finisher): no backend to wait
+        for. Counted and guarded like a queued export; after shutdown began, a drop."""
+        with self._condition:
+            if self._stopping:
+                self._count_drop(1, reason="arrived after shutdown began")
+                return
+            self._busy = True
+        self._export_while_busy(batch)
 
     def _count_drop(self, count: int, *, reason: str | None = None) -> None:
         self.dropped += count
@@ -76,12 +98,17 @@ class BackgroundExporter:
                     return
                 batch = self._queue.popleft()
                 self._busy = True
-            try:
-                self._export_one(batch)
-            finally:
-                with self._condition:
-                    self._busy = False
-                    self._condition.notify_all()
+            self._export_while_busy(batch)
+
+    def _export_while_busy(self, batch: MetricsData) -> None:
+        """Export with `_busy` set (by the caller, under the condition); then clear it and
+        tell `wait_idle`."""
+        try:
+            self._export_one(batch)
+        finally:
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
 
     def _export_one(self, batch: MetricsData) -> None:
         try:

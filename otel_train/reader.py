@@ -132,8 +132,31 @@ class StepSampledReader(MetricReader):
         batch = self._batch(groups, direct or {}, collected, fresh)
         if batch is None:
             return
+        queued = []
         for worker in self._exporters:
-            worker.submit(batch)
+            if worker.in_memory:
+                worker.export_now(batch)
+            else:
+                queued.append(worker)
+        if queued:
+            queued_batch = self._row_only(batch, queued)
+            for worker in queued:
+                worker.submit(queued_batch)
+
+    def _row_only(self, batch: MetricsData, queued: list[BackgroundExporter]) -> MetricsData:
+        """The batch to queue: its row alone when every queued exporter reads only that (the
+        OTel objects then die here; queued for a few ms they would be promoted by the
+        garbage collector, and the full collections that follow walk the whole heap)."""
+        rows = self._rows
+        if rows is None or not isinstance(batch, StepBatch):
+            return batch
+        namer = rows.namer
+        if not all(
+            (hook := worker.rows_reader) is not None and hook.reads_only_shared_rows(namer)
+            for worker in queued
+        ):
+            return batch
+        return StepBatch.of_row(rows.row_of(batch), rows)
 
     def _collect_sdk(self, groups: frozenset[str]) -> MetricsData | None:
         with self._collect_lock:

@@ -255,6 +255,15 @@ class StepBatch(MetricsData):
         if rows is not None:
             rows.register(self)
 
+    @classmethod
+    def of_row(cls, row: MetricRow, rows: SharedRows) -> StepBatch:
+        """A batch holding only its already built row (no OTel data): for exporters that
+        read nothing else (`ReadsOnlySharedRows`)."""
+        batch = cls([])
+        object.__setattr__(batch, "rows", rows)
+        object.__setattr__(batch, "row", row)
+        return batch
+
 
 class SharedRows:
     """One `RowBuilder` for every exporter using `namer`: each batch's row is built once, on
