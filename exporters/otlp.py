@@ -82,12 +82,16 @@ class OtlpExporter(OTLPMetricExporter):
     # The background queue reads this: the exporter logs its own failure once (with detail).
     logs_own_failures = True
     # Class-level defaults: the constructor stays the SDK's own.
-    _global_values = False
+    _context: RunContext | None = None
     _failure_logged = False
     failures = 0
 
     def bind_run_context(self, context: RunContext) -> None:
-        self._global_values = context.exports_global_values
+        self._context = context  # asked at each export: what the reduction really did
+
+    @property
+    def _global_values(self) -> bool:
+        return self._context is not None and self._context.values_are_global()
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float | None = 10_000, **kwargs: Any

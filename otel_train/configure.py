@@ -36,7 +36,7 @@ from otel_train.rates import ThroughputSettings
 from otel_train.reader import StepSampledReader
 from otel_train.redaction import redact
 from otel_train.reduction import CrossRankReducer
-from otel_train.run_context import RunContext, output_dir_from
+from otel_train.run_context import RunContext, ValueScope, output_dir_from
 from otel_train.sampling import GroupIndex, SamplingView, resolve_views
 from otel_train.series import feed_reader
 from otel_train.system_metrics import (
@@ -162,7 +162,11 @@ def setup(
         clock=clock or time.perf_counter,
         shutdown_timeout_millis=shutdown_timeout_millis,
         resume_step=resume_step,
-        reducer=CrossRankReducer(keep_on_this_rank=context.rank == 0)
+        reducer=CrossRankReducer(
+            keep_on_this_rank=context.rank == 0,
+            scope=context.value_scope,
+            expected_world_size=context.world_size,
+        )
         if reduce_across_ranks
         else None,
         max_attribute_sets=max_attribute_sets,
@@ -225,6 +229,7 @@ def _resolve_run(
         exports_global_values=exports_global_values
         and rank_info.rank == 0
         and rank_info.world_size > 1,
+        value_scope=ValueScope() if exports_global_values else None,
     )
     return context, specs, views
 

@@ -27,6 +27,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from otel_train.catalog import STANDARD_INSTRUMENTS
+from otel_train.run_context import ValueScope
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +77,13 @@ class Resolved:
 class CrossRankReducer:
     """Packs [value, present] per gauge and the counter increments into one float64 vector."""
 
-    def __init__(self, *, keep_on_this_rank: bool) -> None:
+    def __init__(
+        self,
+        *,
+        keep_on_this_rank: bool,
+        scope: ValueScope | None = None,
+        expected_world_size: int = 1,
+    ) -> None:
         # Every rank takes part in the collective; only rank 0 replaces its values by the
         # global ones, so summing `train_tokens_total` over ranks never double-counts.
         self.keep_on_this_rank = keep_on_this_rank
@@ -84,7 +91,10 @@ class CrossRankReducer:
         # How many ranks' work this rank's last values hold: the world size once rank 0 has
         # replaced its values by global ones, else 1 (MFU divides by that many peaks).
         self.ranks_in_values = 1
+        self._scope = scope  # what label-based exporters call these values (scope=...)
+        self._expected_world_size = expected_world_size  # from the launcher's environment
         self._warned = False
+        self._warned_not_initialised = False
 
     def active(self) -> bool:
         torch = sys.modules.get("torch")
@@ -113,12 +123,32 @@ class CrossRankReducer:
             summed = flight.values()
         except Exception as error:
             self._warn(error)
+            self.exported_local_values()
             return taken
         if not self.keep_on_this_rank:
             return taken
+        merged = _merged(taken, local := _local(taken), unpack(summed, local))
         self.ranks_in_values = flight.world_size
-        local = _local(taken)
-        return _merged(taken, local, unpack(summed, local))
+        if self._scope is not None:
+            self._scope.global_values = True
+        return merged
+
+    def exported_local_values(self) -> None:
+        """A sampled step was exported with this rank's own values (no reduction in flight,
+        or it failed): MFU divides by one peak, and the values are labelled scope="rank".
+        Called on the finisher thread, in step order, like `finish`."""
+        self.ranks_in_values = 1
+        if self._scope is not None:
+            self._scope.global_values = False
+        if self._expected_world_size > 1 and not self._warned_not_initialised and not self._warned:
+            self._warned_not_initialised = True
+            _logger.warning(
+                "otel-train: reduce_across_ranks=True in a job of %d ranks, but "
+                "torch.distributed is not initialised at this sampled step: each rank exports "
+                'its own values (scope="rank") until it is. Call '
+                "torch.distributed.init_process_group() before training.",
+                self._expected_world_size,
+            )
 
     def _start(self, interval_values: Mapping[str, Any]) -> InFlight:
         import torch

@@ -61,6 +61,18 @@ def run_dir_for(output_dir: Path, run: str) -> Path:
     return output_dir / file_safe_run_name(run)
 
 
+class ValueScope:
+    """Whether this rank's reduced instruments hold all-rank values now. Set by the cross-rank
+    reduction as each sampled step is exported: True only once an all_reduce has replaced
+    this rank's values, so a job whose `torch.distributed` is not (yet) initialised, or whose
+    reduction failed, labels its own values `scope="rank"`, never "global"."""
+
+    __slots__ = ("global_values",)
+
+    def __init__(self, global_values: bool = False) -> None:
+        self.global_values = global_values
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunContext:
     """Identity and places of one rank's run. `run` is the user's name, kept verbatim."""
@@ -79,6 +91,9 @@ class RunContext:
     # reduce_across_ranks=True on rank 0 of a multi-rank job: the reduced instruments hold
     # all-rank values here, so label-based exporters tag them scope="global".
     exports_global_values: bool = False
+    # setup(reduce_across_ranks=True): what the reduction really did at the last sampled step
+    # (label-based exporters ask `values_are_global()`); None: `exports_global_values` holds.
+    value_scope: ValueScope | None = None
 
     def __post_init__(self) -> None:
         file_safe_run_name(self.run)  # a run that cannot name a folder fails before any export
@@ -86,6 +101,11 @@ class RunContext:
     @property
     def run_dir(self) -> Path:
         return run_dir_for(self.output_dir, self.run)
+
+    def values_are_global(self) -> bool:
+        """Whether the reduced instruments' values exported now are all-rank ones."""
+        scope = self.value_scope
+        return self.exports_global_values if scope is None else scope.global_values
 
     @property
     def is_main_rank(self) -> bool:

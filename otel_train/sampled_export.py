@@ -36,6 +36,7 @@ class PendingExport:
     taken: TakenValues
     reduction: Any  # the cross-rank all_reduce in flight, or None
     durations: list[float] | None
+    local_only: bool = False  # reduce_across_ranks, but no all_reduce issued (not initialised)
 
     def ready(self) -> bool:
         return self.taken.ready() and (self.reduction is None or self.reduction.ready())
@@ -89,13 +90,16 @@ class SampledExports:
         reduced = REDUCED if reducer is not None and reducer.active() else frozenset()
         taken = self.registry.begin_take(due, also, interval_values_of=reduced)
         reduction = reducer.start(taken.interval_values) if reduced and reducer else None
-        return PendingExport(due, step, now, time_ns(), taken, reduction, durations)
+        local_only = reducer is not None and reduction is None
+        return PendingExport(due, step, now, time_ns(), taken, reduction, durations, local_only)
 
     def finish(self, job: PendingExport) -> None:
         """Export a sampled step (waits for its copy: normally done)."""
         resolved = job.taken.finish()
         if job.reduction is not None and self.reducer is not None:
             resolved = self.reducer.finish(job.reduction, resolved)
+        elif job.local_only and self.reducer is not None:
+            self.reducer.exported_local_values()
         streams = self.registry.streams
         with streams.lock:
             sink = self.apply(resolved)

@@ -28,3 +28,62 @@ def test_a_nan_on_any_rank_makes_the_global_value_nan_not_a_silent_mean():
 
 def test_every_rank_packs_the_same_length_whatever_it_recorded():
     assert len(pack(Resolved({}, {}))) == len(pack(Resolved({"train.loss": 1.0}, {"x": 1.0})))
+
+
+# -- what the values are called: scope="global" only when an all_reduce replaced them ---------
+class _FinishedReduction:
+    """Stands in for an all_reduce in flight (`InFlight`): one process cannot run a real one
+    of two ranks. `values()` gives the element-wise sum, or raises as a broken group does."""
+
+    world_size = 2
+
+    def __init__(self, summed: list[float] | None) -> None:
+        self._summed = summed
+
+    def values(self) -> list[float]:
+        if self._summed is None:
+            raise RuntimeError("connection reset by peer")
+        return self._summed
+
+
+def test_the_scope_is_global_only_after_a_reduction_replaced_the_values_and_rank_after_failure():
+    from otel_train.reduction import CrossRankReducer
+    from otel_train.run_context import ValueScope
+
+    scope = ValueScope()
+    reducer = CrossRankReducer(keep_on_this_rank=True, scope=scope, expected_world_size=2)
+    summed = _all_reduce(Resolved({"train.loss": 1.0}, {}), Resolved({"train.loss": 3.0}, {}))
+    reducer.finish(_FinishedReduction(summed), [])  # type: ignore[arg-type]
+    assert scope.global_values and reducer.ranks_in_values == 2
+    reducer.finish(_FinishedReduction(None), [])  # type: ignore[arg-type]
+    assert not scope.global_values and reducer.ranks_in_values == 1  # MFU: one peak again
+
+
+def test_reduce_across_ranks_without_torch_distributed_labels_values_rank_and_says_so_once(
+    tmp_path, caplog
+):
+    import urllib.request
+
+    import otel_train
+    from exporters.prometheus import PrometheusExporter
+
+    prometheus = PrometheusExporter(port=0, final_scrape_grace_millis=0)
+    tel = otel_train.setup(
+        run="nodist", output_dir=tmp_path, exporters=[prometheus, "jsonl"],
+        intervals={"train": 5}, handle_signals=False, gpu_metrics=False, system_metrics=False,
+        reduce_across_ranks=True, ranks=otel_train.RankInfo(rank=0, local_rank=0, world_size=2),
+    )  # fmt: skip
+    assert tel.context.exports_global_values  # what setup was asked for...
+    for step in range(1, 21):
+        tel.record(loss=2.0, tokens=100)
+        tel.step(step)
+    assert tel.flush(5_000)
+    assert prometheus.url is not None
+    with urllib.request.urlopen(prometheus.url, timeout=5) as response:
+        text = response.read().decode()
+    tel.shutdown(timeout_millis=2_000)
+    # ...but no all_reduce ran: these are rank 0's own values, and say so
+    assert 'train_loss{rank="0",run="nodist",scope="rank"' in text
+    assert 'scope="global"' not in text
+    warnings = [r for r in caplog.records if "torch.distributed is not initialised" in r.message]
+    assert len(warnings) == 1 and 'scope="rank"' in warnings[0].getMessage()
