@@ -7,6 +7,8 @@
      same three exporters on, with JSON lines alone (the issue's baseline) and with an
      in-memory exporter: loop time / steps, the finisher's and export threads' GIL use
      included;
+(f)  floors of (a'): the training thread's own work alone (the finisher's jobs dropped), and
+     (f') the JSON-lines case done inline on one thread with the garbage collector off;
 (b)  the same values recorded straight into OTel SDK instruments every step;
 (c)  `wandb.log` of the same keys every step, offline (if wandb is installed).
 Rounds are interleaved (a, s, a', b, c, a, ...) and the median of the rounds is reported, with
@@ -62,19 +64,25 @@ def _values(tensors: bool) -> tuple[Any, Any]:
     return torch.tensor(2.5), torch.tensor(1.25)
 
 
+def _timed_loop(
+    tel: otel_train.Telemetry, steps: int, *, tensors: bool, then: Callable[[], Any] = lambda: None
+) -> float:
+    """Seconds for `steps` steps of the standard values (then `then()`, inside the timing)."""
+    loss, grad_norm = _values(tensors)
+    record, step = tel.training.record, tel.step
+    started = time.perf_counter()
+    for n in range(1, steps + 1):
+        record(loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048, samples=8, epoch=0)
+        step(n)
+    then()
+    return time.perf_counter() - started
+
+
 def bench_non_sampled(steps: int, *, tensors: bool) -> float:
     intervals = {"train": NEVER, "perf": NEVER, "gpu": NEVER}
     with tempfile.TemporaryDirectory() as directory:
         tel = _setup(directory, [CapturingExporter()], intervals)
-        loss, grad_norm = _values(tensors)
-        record, step = tel.training.record, tel.step
-        started = time.perf_counter()
-        for n in range(1, steps + 1):
-            record(
-                loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048, samples=8, epoch=0
-            )
-            step(n)
-        elapsed = time.perf_counter() - started
+        elapsed = _timed_loop(tel, steps, tensors=tensors)
         tel.shutdown()
     return elapsed / steps
 
@@ -107,17 +115,44 @@ def bench_sampled_step(steps: int) -> float:
 def bench_default_intervals(steps: int, *, exporters: Any = EXPORTERS) -> float:
     with tempfile.TemporaryDirectory() as directory:
         tel = _setup(directory, exporters, None)
-        loss, grad_norm = _values(True)
-        record, step = tel.training.record, tel.step
-        started = time.perf_counter()
-        for n in range(1, steps + 1):
-            record(
-                loss=loss, learning_rate=3e-4, grad_norm=grad_norm, tokens=2048, samples=8, epoch=0
-            )
-            step(n)
-        tel.flush()  # the export threads' work that lagged behind belongs to this loop
-        elapsed = time.perf_counter() - started
+        # The export threads' work that lagged behind belongs to this loop: flushed inside.
+        elapsed = _timed_loop(tel, steps, tensors=True, then=tel.flush)
         tel.shutdown()
+    return elapsed / steps
+
+
+def bench_floor_training_thread(steps: int) -> float:
+    """(f) The floor of (a'): the training thread's own work at default intervals (record,
+    step, each sampled step's detach, pack and copy), the finisher's jobs discarded: what
+    no export design in this process can go below."""
+    with tempfile.TemporaryDirectory() as directory:
+        tel = _setup(directory, [CapturingExporter()], None)
+        tel._finisher.submit = lambda job: None  # type: ignore[method-assign]
+        elapsed = _timed_loop(tel, steps, tensors=True)
+        tel.shutdown()
+    return elapsed / steps
+
+
+def bench_inline_without_gc(steps: int) -> float:
+    """(f') (a') with JSON lines, every sampled step finished and written on the training
+    thread, the garbage collector off: the pipeline's Python work alone, no thread hand-offs
+    and no collections. (a') close to this means threads and the collector cost little."""
+    from otel_train import background
+
+    queued = background.BackgroundExporter.submit
+    background.BackgroundExporter.submit = background.BackgroundExporter.export_now  # type: ignore[method-assign]
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            tel = _setup(directory, ("jsonl",), None)
+            tel._finisher.submit = tel._exports.finish  # type: ignore[method-assign]
+            gc.disable()
+            try:
+                elapsed = _timed_loop(tel, steps, tensors=True)
+            finally:
+                gc.enable()
+            tel.shutdown()
+    finally:
+        background.BackgroundExporter.submit = queued  # type: ignore[method-assign]
     return elapsed / steps
 
 
@@ -252,6 +287,8 @@ def main() -> None:
         "(a') default intervals, amortised, capture only": lambda: bench_default_intervals(
             steps, exporters=[CapturingExporter()]
         ),
+        "(f) floor: training thread alone": lambda: bench_floor_training_thread(steps),
+        "(f') JSON lines all inline, collector off": lambda: bench_inline_without_gc(steps),
         "(b) OTel SDK instruments, every step": lambda: bench_sdk_direct(steps),
     }
     if wandb_bench is not None:

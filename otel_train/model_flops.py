@@ -5,6 +5,8 @@ One forward pass costs F = 2N + 4*L*H*T per token (PaLM, Chowdhery et al. 2022, 
 and value (AV) matmuls, not halved for causal masks. Backward costs two forwards (gradients
 with respect to activations and to weights), so a trained token costs 3F = 6N + 12LHT, which
 is PaLM's MFU formula and Megatron-LM's (Narayanan et al. 2021, eq. 3) without recomputation.
+A frozen weight (LoRA's base model) costs no weight gradient: 4 per token, or 2 when nothing
+registered before it learns (`MatmulParameters`).
 Stages add passes (see `STAGE_PASSES`): DPO a reference-model forward per trained token,
 PPO / GRPO a forward-only generation phase counted per generated token.
 """
@@ -81,9 +83,37 @@ def _numel(parameter: Any) -> int:
     return int(getattr(parameter, "ds_numel", 0) or parameter.numel())
 
 
-def count_matmul_parameters(model: Any) -> int:
-    """Trainable parameters that multiply activations: weights of 2 or more dimensions, each
-    tensor once (tied weights, ZeRO-3 partitions in full).
+@dataclass(frozen=True, slots=True)
+class MatmulParameters:
+    """A model's matmul weights by what one training step does with them, per token.
+
+    - `trained` (requires_grad): forward, input gradients and weight gradients, 6 FLOPs each;
+    - `frozen_through`: frozen, with a trainable parameter registered before them, so the
+      gradients of that parameter flow back through them: forward and input gradients, 4;
+    - `frozen_below`: frozen and registered before every trainable parameter (nothing below
+      them learns, autograd computes no gradient there): forward only, 2.
+    LoRA / PEFT: the base weights are frozen_through (frozen_below up to the first adapter),
+    the adapters trained. Counting the trained weights alone read ~1% MFU for such a run.
+    Registration order stands for the forward order, as in every Hugging Face model.
+    """
+
+    trained: int = 0
+    frozen_through: int = 0
+    frozen_below: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.trained + self.frozen_through + self.frozen_below
+
+    @property
+    def backward_savings(self) -> int:
+        """FLOPs per token that 3 forwards (6 per weight) count but a step does not run."""
+        return 2 * self.frozen_through + 4 * self.frozen_below
+
+
+def matmul_parameters(model: Any) -> MatmulParameters:
+    """The parameters that multiply activations: weights of 2 or more dimensions, each tensor
+    once (tied weights, ZeRO-3 partitions in full), split as `MatmulParameters` says.
 
     Left out: embedding lookups (`nn.Embedding` / `nn.EmbeddingBag`: learned positions such
     as GPT-2's `wpe`, an untied input embedding), which index rows instead of multiplying;
@@ -92,23 +122,44 @@ def count_matmul_parameters(model: Any) -> int:
     scales and shifts), whose work is elementwise, as torch's FlopCounterMode counts it.
     """
     modules = getattr(model, "modules", None)
+    # In registration order, each tensor once: (parameter, counts as a matmul weight).
+    ordered: dict[int, tuple[Any, bool]] = {}
     if modules is None:  # not a torch module: every >= 2-D parameter
-        return sum(_numel(p) for p in _unique(model.parameters()) if _matmul_shaped(p))
-    from torch import nn
+        for parameter in model.parameters():
+            ordered.setdefault(id(parameter), (parameter, _ndim(parameter) >= 2))
+    else:
+        from torch import nn
 
-    lookups = (nn.Embedding, nn.EmbeddingBag)
-    counted: dict[int, Any] = {}
-    for module in modules():
-        if isinstance(module, lookups):
-            continue
-        for parameter in module.parameters(recurse=False):
-            if _matmul_shaped(parameter):
-                counted[id(parameter)] = parameter
-    return sum(_numel(p) for p in counted.values())
+        lookups = (nn.Embedding, nn.EmbeddingBag)
+        for module in modules():
+            lookup = isinstance(module, lookups)
+            for parameter in module.parameters(recurse=False):
+                counts = not lookup and _ndim(parameter) >= 2
+                seen = ordered.get(id(parameter))
+                if seen is None or (counts and not seen[1]):
+                    # A lookup tied to a layer's weight counts as that layer, in its place.
+                    ordered.pop(id(parameter), None)
+                    ordered[id(parameter)] = (parameter, counts)
+    trained = through = below = 0
+    anything_trained = False  # in registration order: has a trainable parameter come yet?
+    for parameter, counts in ordered.values():
+        learns = bool(getattr(parameter, "requires_grad", True))
+        if counts:
+            size = _numel(parameter)
+            if learns:
+                trained += size
+            elif anything_trained:
+                through += size
+            else:
+                below += size
+        anything_trained = anything_trained or learns
+    return MatmulParameters(trained=trained, frozen_through=through, frozen_below=below)
 
 
-def _matmul_shaped(parameter: Any) -> bool:
-    return bool(parameter.requires_grad) and _ndim(parameter) >= 2
+def count_matmul_parameters(model: Any) -> int:
+    """Every matmul weight of `model`, trainable or frozen (`matmul_parameters(model).total`):
+    the N of a forward pass, 2N FLOPs per token."""
+    return matmul_parameters(model).total
 
 
 def _unique(parameters: Any) -> list[Any]:
@@ -190,7 +241,12 @@ def stage_flops_per_token(
     )
     forward = weights + attention
     with_reference = passes.reference_model if reference_model is None else reference_model
-    trained = 3.0 * forward + (forward if with_reference else 0.0)
+    # Frozen weights skip their weight gradients (and, below every trainable one, their
+    # input gradients too): LoRA. With n_params= given, every weight counts as trained.
+    savings = (
+        0 if n_params is not None or model is None else matmul_parameters(model).backward_savings
+    )
+    trained = 3.0 * forward - savings + (forward if with_reference else 0.0)
     return StageFlops(trained=trained, generated=forward if passes.generation else None)
 
 
@@ -205,7 +261,8 @@ def flops_per_token(
     reference_model: bool | None = None,
 ) -> float:
     """Training FLOPs per trained token: 6N + 12*L*H*T (PaLM appendix B), N the matmul
-    parameters (`count_matmul_parameters`).
+    parameters (`count_matmul_parameters`); frozen weights (LoRA) count 4 or 2 instead of 6
+    (`MatmulParameters`).
 
     `stage="dpo"` (or `reference_model=True` in any stage) adds a same-size reference
     model's forward, 2N + 4LHT. For "ppo" / "grpo" this is the policy update only; their

@@ -105,3 +105,64 @@ def test_an_untied_input_embedding_is_a_lookup_and_not_counted():
     assert count_matmul_parameters(model) == 800  # the head's weight; no lookup, no bias
     head.weight = embed.weight  # tied: counted once, as the output projection
     assert count_matmul_parameters(model) == 800
+
+
+class LoRALinear(torch.nn.Module):
+    """LoRA (Hu et al. 2021) as PEFT builds it: the frozen base layer, then the trainable
+    low-rank pair, y = base(x) + B(A(x))."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def _lora_tiny_gpt():
+    model, sampler = _tiny_gpt()
+    model.requires_grad_(False)
+    for block in model.blocks:
+        block.mlp[0], block.mlp[2] = LoRALinear(block.mlp[0]), LoRALinear(block.mlp[2])
+    return model, sampler
+
+
+def test_lora_counts_frozen_weights_forward_and_input_gradients_as_torch_runs_them():
+    from otel_train.model_flops import matmul_parameters
+
+    model, sampler = _lora_tiny_gpt()
+    parts = matmul_parameters(model)
+    # Before block 0's first adapter nothing learns (attention, the MLP's first base layer);
+    # every later base weight passes gradients down to an adapter; the adapters learn.
+    assert parts.frozen_below == 4 * H * H + 4 * H * H  # in_proj + out_proj + mlp.0's base
+    assert parts.trained == L * 2 * (H * 4 + 4 * 4 * H)  # rank-4 A and B at mlp.0 and mlp.2
+    assert parts.total == count_matmul_parameters(model) == MATMUL_PARAMS + parts.trained
+    mode = flop_counter_mode()
+    with mode:
+        model(*sampler.batch()).backward()
+    by_op = {str(op): flops for op, flops in mode.get_flop_counts()["Global"].items()}
+    weight_matmuls = sum(f for op, f in by_op.items() if "scaled_dot_product" not in op)
+    measured = weight_matmuls / sampler.tokens_per_batch
+    analytic = 6 * parts.trained + 4 * parts.frozen_through + 2 * parts.frozen_below
+    # Exact but for block 0's first A matrix: its input needs no gradient either (2 x 4H).
+    assert analytic - measured == 2 * 4 * H
+    total = mode.get_total_flops() / sampler.tokens_per_batch
+    # The attention term assumes a backward in every layer; block 0's runs none here.
+    assert flops_per_token(model, seq_len=T) == pytest.approx(total, rel=0.07)
+    # Counting the trained weights alone (what MFU did before) read 3.2x low here (about
+    # 9x for rank-8 adapters on a 7B Llama at 2,048 tokens).
+    assert 6 * parts.trained + 12 * L * H * T < total / 3
+
+
+def test_a_frozen_model_without_trainable_weights_costs_its_forward_and_a_full_one_six_n():
+    from otel_train.model_flops import matmul_parameters
+
+    model, _ = _tiny_gpt()
+    assert matmul_parameters(model).trained == MATMUL_PARAMS  # all trainable: 6N as before
+    model.requires_grad_(False)
+    frozen = matmul_parameters(model)
+    assert frozen.frozen_below == MATMUL_PARAMS and frozen.backward_savings == 4 * MATMUL_PARAMS
+    # The forward (generation, a reference model) counts every weight, frozen or not.
+    assert flops_per_generated_token(model, seq_len=T) == 2 * MATMUL_PARAMS + 4 * L * H * T

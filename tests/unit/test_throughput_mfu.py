@@ -121,8 +121,11 @@ def test_flops_per_token_counts_gpt2_matmul_weights_tied_embedding_once_no_posit
     # the tied wte / lm_head 128x64 once. Not counted: wpe (a lookup), biases, layer norms.
     matmul = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64) + 128 * 64
     assert flops_per_token(model, seq_len=32) == 6 * matmul + 12 * 2 * 64 * 32
-    model.lm_head.weight.requires_grad_(False)  # frozen: not trained, not counted
-    assert flops_per_token(model, seq_len=32) == 6 * (matmul - 128 * 64) + 12 * 2 * 64 * 32
+    # Frozen, the tied head still runs its forward and passes gradients down to the trained
+    # blocks (4 per weight, no weight gradient). It used to be left out entirely, which is
+    # what made LoRA runs read ~1% MFU (tests/unit/test_model_flops.py measures the rule).
+    model.lm_head.weight.requires_grad_(False)
+    assert flops_per_token(model, seq_len=32) == 6 * matmul - 2 * 128 * 64 + 12 * 2 * 64 * 32
 
 
 def test_peak_flops_table_matches_driver_names_and_dtypes():
