@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +167,7 @@ class PrometheusExporter(MetricExporter):
         # calls it on the finisher thread rather than through a queue (InMemoryExport).
         self.export_is_in_memory = True
         self._resource_labels = frozenset(resource_labels)
-        self._values_are_global: Callable[[], bool] = lambda: False
+        self._context: RunContext | None = None  # asked at each render: what the reduction did
         self._lock = threading.Lock()  # latest values: export thread vs. scrape thread
         self._latest = LatestMetrics()
         self._version = 0
@@ -180,7 +180,7 @@ class PrometheusExporter(MetricExporter):
     @property
     def _global_values(self) -> bool:
         """Whether the reduced instruments are labelled scope="global" (else "rank") now."""
-        return self._values_are_global()
+        return self._context is not None and self._context.values_are_global()
 
     @property
     def port(self) -> int | None:
@@ -201,7 +201,7 @@ class PrometheusExporter(MetricExporter):
 
     def bind_run_context(self, context: RunContext) -> None:
         """Called by `setup()`: label reduced values, serve on base port + local rank."""
-        self._values_are_global = context.values_are_global  # asked at each render
+        self._context = context
         self.start(local_rank=context.local_rank)
 
     def start(self, *, local_rank: int = 0) -> bool:

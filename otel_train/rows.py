@@ -104,7 +104,8 @@ def bucket_quantiles(
 class RowBuilder:
     """Stateful because histogram intervals are differences of cumulative exports.
 
-    Runs on an export thread once per batch, holding the GIL the training thread needs, so
+    Runs off the training thread once per batch (on the finisher, or the first export thread
+    that asks), holding the GIL the training thread needs, so
     what does not change between batches is worked out once: each (instrument, attribute set)
     pair's output keys and scales, and each data type's kind.
     """
