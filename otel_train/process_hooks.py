@@ -10,7 +10,7 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
-from otel_train.signals import install_signal_flush
+from otel_train.signals import forget_in_forked_child, install_signal_flush
 
 if TYPE_CHECKING:
     from otel_train.telemetry import Telemetry
@@ -27,11 +27,7 @@ def track(telemetry: Telemetry, *, handle_signals: bool, timeout_millis: float) 
     """Make `telemetry` one the exit / fork hooks act on; with `handle_signals`, also flush
     it on SIGTERM / SIGINT (installed once per process, main thread only)."""
     if handle_signals:
-        install_signal_flush(
-            _flush_live_on_signal,
-            timeout_millis=timeout_millis,
-            busy_here=_live_busy_on_this_thread,
-        )
+        install_signal_flush(_flush_live_on_signal, timeout_millis=timeout_millis)
     _live.add(telemetry)
 
 
@@ -61,13 +57,10 @@ def _flush_live_on_signal(signum: int, budget_millis: float) -> None:
             telemetry.flush(timeout_millis=budget_millis)
 
 
-def _live_busy_on_this_thread() -> bool:
-    return any(telemetry.busy_on_this_thread() for telemetry in list(_live))
-
-
 def _disable_live_in_forked_child() -> None:
     # A DataLoader worker (fork) inherits every Telemetry and possibly locks held by the
     # parent's other threads: it must export nothing and must never wait on those locks.
+    forget_in_forked_child()
     for telemetry in list(_live):
         telemetry._disable_in_forked_child()
 

@@ -42,6 +42,7 @@ from otel_train._sdk_compat import (
     sum_metric,
     temporality_of,
 )
+from otel_train.signals import signals_deferred
 
 AttributeKey = tuple[tuple[str, Any], ...] | None
 CUMULATIVE = AggregationTemporality.CUMULATIVE
@@ -274,7 +275,8 @@ class StreamSet:
         self.always: list[Stream] = []  # in every batch: the global step, the x-axis
 
     def add(self, group: str, stream: Stream, *, always: bool = False) -> None:
-        with self.lock:
+        # The training thread, outside any sampled step: a signal's flush needs this lock.
+        with signals_deferred(), self.lock:
             (self.always if always else self.by_group.setdefault(group, [])).append(stream)
 
     def metrics_for(

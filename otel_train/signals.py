@@ -1,6 +1,12 @@
 """SIGTERM / SIGINT: flush every live Telemetry within a bounded time, then let the signal's
 previous behaviour proceed (the default SIGTERM still terminates, SIGINT still raises
 KeyboardInterrupt). atexit alone does not run on SIGTERM, so without this the tail is lost.
+
+The handler runs on the main thread between two bytecodes of whatever it interrupted, and
+waits there for the flush (on a helper thread). Had it interrupted the training thread while
+that held a lock the flush needs, both would wait until the deadline and the tail would be
+lost. Such code runs inside `signals_deferred()`: a signal landing there, even between the
+lock's acquisition and the next bytecode, is deferred to the section's end.
 """
 
 from __future__ import annotations
@@ -19,27 +25,52 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _previous: dict[int, Any] = {}
 _flush_all: Callable[[int, float], None] | None = None
-_busy_here: Callable[[], bool] | None = None
 _deferred: list[int] = []
 _timeout_millis = 10_000.0
+_sections = threading.local()  # .depth: how many deferring sections this thread is inside
 
 
-def install_signal_flush(
-    flush_all: Callable[[int, float], None],
-    *,
-    timeout_millis: float,
-    busy_here: Callable[[], bool] | None = None,
-) -> bool:
+class SignalsDeferred:
+    """A section in which a signal waits for the section's end: counted before `lock` (if
+    any) is taken and after it is released, so that no bytecode holds the lock uncounted."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: Any = None) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        _sections.depth = getattr(_sections, "depth", 0) + 1
+        if self._lock is not None:
+            self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        depth = _sections.depth = _sections.depth - 1
+        if not depth and _deferred and threading.current_thread() is threading.main_thread():
+            deliver_deferred()  # also after an exception: a SIGTERM must not be lost
+
+
+_SECTION = SignalsDeferred()
+
+
+def signals_deferred() -> SignalsDeferred:
+    """`with signals_deferred():` around code that holds a lock the signal flush needs
+    (`SignalsDeferred(lock)` takes the lock itself). A SIGTERM / SIGINT arriving inside waits
+    for the section's end (bounded: the section is), then flushes as usual; sections nest."""
+    return _SECTION
+
+
+def in_deferring_section() -> bool:
+    return getattr(_sections, "depth", 0) > 0
+
+
+def install_signal_flush(flush_all: Callable[[int, float], None], *, timeout_millis: float) -> bool:
     """Install once per process; chain to whatever handler was there. Main thread only
-    (Python allows handlers nowhere else): returns False, changing nothing, elsewhere.
-
-    `busy_here()` says whether the interrupted thread is inside a telemetry's locked
-    section (a sampled step): the flush would wait on that lock, so it is deferred until
-    the section ends (`deliver_deferred()`), a bounded wait.
-    """
-    global _flush_all, _timeout_millis, _busy_here
+    (Python allows handlers nowhere else): returns False, changing nothing, elsewhere."""
+    global _flush_all, _timeout_millis
     _flush_all = flush_all
-    _busy_here = busy_here
     _timeout_millis = max(_timeout_millis if _previous else 0.0, timeout_millis)
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -62,19 +93,21 @@ def uninstall_signal_flush() -> None:
         del _previous[signum]
 
 
-def has_deferred() -> bool:
-    return bool(_deferred)
-
-
 def deliver_deferred() -> None:
-    """Run the signals that arrived inside a locked section, now that it has ended."""
+    """Run the signals that arrived inside a deferring section, now that it has ended."""
     while _deferred:
         _on_signal(_deferred.pop(0), None)
 
 
+def forget_in_forked_child() -> None:
+    """A forked child: the parent's deferred signals and sections are not its own."""
+    global _sections
+    _sections = threading.local()
+    _deferred.clear()
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    busy = _busy_here
-    if busy is not None and busy():
+    if in_deferring_section():
         if signum not in _deferred:
             _deferred.append(signum)
         return

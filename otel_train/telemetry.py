@@ -33,6 +33,7 @@ from otel_train.run_context import RunContext
 from otel_train.sampled_export import SampledExports
 from otel_train.sampling import GroupIndex
 from otel_train.series import StreamSet
+from otel_train.signals import signals_deferred
 from otel_train.staged_meter import StagedMeterProvider
 from otel_train.staging_registry import registry_for
 from otel_train.summaries import RunSummaries
@@ -81,9 +82,8 @@ class Telemetry:
             perplexity = context.stage in CROSS_ENTROPY_STAGES
         self.training = TrainingInstruments(self._meter, self._registry, perplexity=perplexity)
         self._guard = guard = ExportGuard(self.training)
-        self._busy, self._exporting = guard.busy, guard.exporting
+        self._busy = guard.busy
         self._closed_or_forked = guard.closed_or_forked
-        self._deliver_deferred_signal = guard.deliver_deferred_signal
         start = clock()
         self._last_step = resume_step
         self._last_step_time: float | None = None
@@ -213,7 +213,7 @@ class Telemetry:
         (synced once: it is an event)."""
         if self._closed_or_forked():
             return
-        with self._exporting():
+        with self._busy():
             self._finish_pending()
             events.export_eval(self._exports, self._last_step, loss, metrics)
 
@@ -221,7 +221,7 @@ class Telemetry:
         """Export `epoch.*` summaries of the epoch that just ended (one sync: an event)."""
         if self._closed_or_forked():
             return
-        with self._exporting():
+        with self._busy():
             self._finish_pending()
             events.export_epoch(self._exports, self._last_step, self._clock, epoch)
 
@@ -229,16 +229,20 @@ class Telemetry:
         """Wait until everything exported so far has reached every exporter (a sampled step
         whose values are still on their way from the device is exported first)."""
         deadline = time.monotonic() + timeout_millis / 1000
-        with self._busy():
-            if not self._closed_or_forked():
-                self._finisher.drain(timeout_millis / 1000)
-        return self.reader.wait_idle(max(0.0, deadline - time.monotonic()) * 1000)
+        # The whole of it defers a signal: its flush needs the queues' locks this thread
+        # holds while waiting (bounded by this flush's own timeout).
+        with signals_deferred():
+            with self._busy():
+                if not self._closed_or_forked():
+                    self._finisher.drain(timeout_millis / 1000)
+            return self.reader.wait_idle(max(0.0, deadline - time.monotonic()) * 1000)
 
     def export_stats(self) -> dict[str, dict[str, int]]:
         """Per exporter: batches exported, dropped (queue full) and failed, counting every
         sampled step so far (the ones still being finished are handed over first)."""
-        self._finisher.drain(_DRAIN_TIMEOUT_SECONDS)
-        return self._exports.export_stats()
+        with signals_deferred():
+            self._finisher.drain(_DRAIN_TIMEOUT_SECONDS)
+            return self._exports.export_stats()
 
     def shutdown(self, timeout_millis: float | None = None) -> None:
         """Export what is pending (every value recorded since the last sampled step) and
@@ -275,7 +279,6 @@ class Telemetry:
             self._next_due = self._groups.next_due_step(step)
             if due:
                 self._begin_export(due, step, now, across_ranks=True)
-        self._deliver_deferred_signal()
 
     def _begin_export(
         self, due: frozenset[str], step: int, now: float, *, across_ranks: bool = False
@@ -309,9 +312,6 @@ class Telemetry:
             durations, self._step_durations = self._step_durations, []
             with self._registry.streams.lock:
                 self._exports.record_step_durations(durations)
-
-    def busy_on_this_thread(self) -> bool:
-        return self._guard.busy_on_this_thread()
 
     @property
     def _closed(self) -> bool:

@@ -21,9 +21,13 @@ WORKER = Path(__file__).with_name("loop_worker.py")
 
 
 def _start(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return _start_with(tmp_path, "100000000", *extra)
+
+
+def _start_with(tmp_path: Path, max_steps: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path), "100000000", *extra],
+        [sys.executable, str(WORKER), str(tmp_path), max_steps, *extra],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -102,6 +106,48 @@ def test_sigterm_inside_sampled_steps_never_deadlocks_the_flush(tmp_path):
         assert final["final/total_steps"] == rows[-1]["step"], trial
         # tokens recorded for the next step before its step() call are not lost either
         assert final["final/total_tokens"] in (16 * rows[-1]["step"], 16 * (rows[-1]["step"] + 1))
+
+
+def test_a_signal_at_any_bytecode_is_flushed_at_once_or_at_the_end_of_its_section(tmp_path):
+    """SIGINT raised at every bytecode of a sampled step, of creating an instrument and of
+    `flush()`, one position per call: the signal's flush never waits on a lock the
+    interrupted code holds (it did, between acquiring the telemetry's lock and marking it
+    held), and every signal ends in its KeyboardInterrupt, at once or deferred."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("signal_sweep_worker.py")
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = {row["phase"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert set(phases) == {"sampled step", "new instrument", "flush"}, result.stdout
+    for phase in phases.values():
+        assert phase["complete"] and phase["positions"] > 100, phase
+        assert phase["abandoned"] == [], phase  # where the flush waited on the caller's lock
+        assert phase["undelivered"] == [], phase  # where a deferred signal was never run
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "rank0.jsonl").open()]
+    # 20 warm-up steps, one per position, and the last one, shorter than its position
+    assert rows[-1]["metrics"]["final/total_steps"] == phases["sampled step"]["positions"] + 21
+
+
+def test_sigterm_during_shutdown_still_terminates_after_it(tmp_path):
+    """A SIGTERM while `shutdown()` holds the telemetry's lock is deferred, then delivered
+    when shutdown returns: the process ends as the sender asked (it used to run on)."""
+    proc = _start_with(tmp_path, "50", "slow-close")
+    assert proc.stdout.readline().strip() == "closing"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert "survived shutdown" not in out, err[-2000:]
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "rank0.jsonl").open()]
+    assert rows[-1]["metrics"]["final/total_steps"] == 50
 
 
 def test_sigkill_leaves_at_most_a_partial_last_line(tmp_path):
