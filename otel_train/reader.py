@@ -30,6 +30,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_train._sdk_compat import exponential_unless_buckets_given
 from otel_train.background import BackgroundExporter
+from otel_train.bounded_collect import BoundedCollector
 from otel_train.naming import KeyNamer
 from otel_train.nonfinite import NonFiniteBoard, SeriesKey, series_key, with_nonfinite
 from otel_train.rows import GLOBAL_STEP_INSTRUMENT, SharedRows, StepBatch
@@ -58,6 +59,7 @@ class StepSampledReader(MetricReader):
         self._due: frozenset[str] = frozenset()
         self._collecting_thread: int | None = None
         self._collect_lock = threading.Lock()
+        self._collector = BoundedCollector(self._collect_sdk_now)
         self._shut_down = False
         self._warned_collect = False
         self._collected: MetricsData | None = None
@@ -159,6 +161,10 @@ class StepSampledReader(MetricReader):
         return StepBatch.of_row(rows.row_of(batch), rows)
 
     def _collect_sdk(self, groups: frozenset[str]) -> MetricsData | None:
+        """On the collector's thread, waited for a bounded time (see bounded_collect)."""
+        return self._collector.collect(groups)
+
+    def _collect_sdk_now(self, groups: frozenset[str]) -> MetricsData | None:
         with self._collect_lock:
             self._due = groups
             self._collecting_thread = threading.get_ident()
@@ -253,6 +259,7 @@ class StepSampledReader(MetricReader):
         if self._shut_down:
             return
         self._shut_down = True
+        self._collector.close()
         deadline = time.monotonic() + timeout_millis / 1000
         # Drain all exporters in parallel so one slow backend does not eat the others' budget.
         closers = [
