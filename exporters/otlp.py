@@ -87,7 +87,7 @@ class OtlpExporter(OTLPMetricExporter):
     failures = 0
 
     def bind_run_context(self, context: RunContext) -> None:
-        self._context = context  # asked at each export: what the reduction really did
+        self._context = context  # what the reduction really did, for batches not stamped
 
     @property
     def _global_values(self) -> bool:
@@ -96,7 +96,9 @@ class OtlpExporter(OTLPMetricExporter):
     def export(
         self, metrics_data: MetricsData, timeout_millis: float | None = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        metrics_data = with_scope(metrics_data, global_values=self._global_values)
+        stamped = getattr(metrics_data, "values_global", None)  # as the batch was made
+        global_values = self._global_values if stamped is None else stamped
+        metrics_data = with_scope(metrics_data, global_values=global_values)
         held: list[logging.LogRecord] = []
         _capture.records = held
         try:

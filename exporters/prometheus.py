@@ -167,7 +167,8 @@ class PrometheusExporter(MetricExporter):
         # calls it on the finisher thread rather than through a queue (InMemoryExport).
         self.export_is_in_memory = True
         self._resource_labels = frozenset(resource_labels)
-        self._context: RunContext | None = None  # asked at each render: what the reduction did
+        self._context: RunContext | None = None  # what the reduction did, if no batch says
+        self._stamped_global: bool | None = None  # what the newest stamped batch says
         self._lock = threading.Lock()  # latest values: export thread vs. scrape thread
         self._latest = LatestMetrics()
         self._version = 0
@@ -234,8 +235,11 @@ class PrometheusExporter(MetricExporter):
         """Remember each metric's newest (cumulative) state; a batch holds only the groups
         due at its step, the others keep their values from earlier exports. Shaping for
         Prometheus waits for the next scrape (exports come every few ms, scrapes every ~15 s)."""
+        stamped = getattr(metrics_data, "values_global", None)  # as the batch was made
         with self._lock:
             self._latest.update(metrics_data)
+            if stamped is not None:
+                self._stamped_global = stamped
             self._version += 1
         return MetricExportResult.SUCCESS
 
@@ -251,7 +255,9 @@ class PrometheusExporter(MetricExporter):
                     return self._rendered
                 resource = self._latest.resource
                 latest = self._latest.snapshot()
-            body = _render(resource, latest, self._resource_labels, self._global_values)
+                stamped = self._stamped_global
+            global_values = self._global_values if stamped is None else stamped
+            body = _render(resource, latest, self._resource_labels, global_values)
             self._rendered = (version, body)
             self.renders += 1
             return self._rendered

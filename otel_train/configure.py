@@ -173,7 +173,11 @@ def setup(
         perplexity=perplexity,
         needs_sdk=views_needing_sdk(views),
     )
-    reader.bind(resource=telemetry.streams.resource, namer=context.namer)
+    reader.bind(
+        resource=telemetry.streams.resource,
+        namer=context.namer,
+        values_are_global=context.values_are_global,
+    )
     for pull_reader in built.pull_readers:  # they collect the SDK on their own: add our streams
         feed_reader(pull_reader, telemetry.streams)
     _register_metric_sources(telemetry, flops, system_config, reduce_across_ranks, gpu_metrics)

@@ -67,12 +67,21 @@ class StepSampledReader(MetricReader):
         self._rows: SharedRows | None = None
         self._row_namer: KeyNamer | None = None
         self._row_consumers = 0
+        self._values_are_global: Callable[[], bool] | None = None
 
-    def bind(self, *, resource: Resource, namer: KeyNamer | None) -> None:
-        """setup(): the resource batches carry, and the run's key namer (exporters using it
-        share one row per batch)."""
+    def bind(
+        self,
+        *,
+        resource: Resource,
+        namer: KeyNamer | None,
+        values_are_global: Callable[[], bool] | None = None,
+    ) -> None:
+        """setup(): the resource batches carry, the run's key namer (exporters using it
+        share one row per batch), and what the reduction did, stamped on each batch as it
+        is made (an exporter reading it later, on its own thread, may be a step behind)."""
         self._resource = resource
         self._row_namer = namer
+        self._values_are_global = values_are_global
         self._update_rows()
 
     def _update_rows(self) -> None:
@@ -240,7 +249,12 @@ class StepSampledReader(MetricReader):
             resource_metrics = list(
                 with_nonfinite(MetricsData(resource_metrics), due_overrides).resource_metrics
             )
-        return StepBatch(resource_metrics, rows=self._rows)
+        stamp = self._values_are_global
+        return StepBatch(
+            resource_metrics,
+            rows=self._rows,
+            values_global=None if stamp is None else stamp(),
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     def wait_idle(self, timeout_millis: float = 10_000) -> bool:

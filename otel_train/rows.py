@@ -248,11 +248,21 @@ class StepBatch(MetricsData):
 
     rows: SharedRows | None
     row: MetricRow | None
+    # Whether the reduced values are all ranks' (scope="global"), as it stood when the batch
+    # was made, in step order; None: unknown (the exporter asks the run context).
+    values_global: bool | None
 
-    def __init__(self, resource_metrics: Sequence[Any], *, rows: SharedRows | None = None) -> None:
+    def __init__(
+        self,
+        resource_metrics: Sequence[Any],
+        *,
+        rows: SharedRows | None = None,
+        values_global: bool | None = None,
+    ) -> None:
         super().__init__(resource_metrics)
         object.__setattr__(self, "rows", rows)
         object.__setattr__(self, "row", None)  # built on the first export thread that asks
+        object.__setattr__(self, "values_global", values_global)
         if rows is not None:
             rows.register(self)
 
@@ -260,7 +270,7 @@ class StepBatch(MetricsData):
     def of_row(cls, row: MetricRow, rows: SharedRows) -> StepBatch:
         """A batch holding only its already built row (no OTel data): for exporters that
         read nothing else (`ReadsOnlySharedRows`)."""
-        batch = cls([])
+        batch = cls([])  # values_global: None (rows carry no scope label)
         object.__setattr__(batch, "rows", rows)
         object.__setattr__(batch, "row", row)
         return batch

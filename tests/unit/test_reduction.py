@@ -87,3 +87,49 @@ def test_reduce_across_ranks_without_torch_distributed_labels_values_rank_and_sa
     assert 'scope="global"' not in text
     warnings = [r for r in caplog.records if "torch.distributed is not initialised" in r.message]
     assert len(warnings) == 1 and 'scope="rank"' in warnings[0].getMessage()
+
+
+def test_otlp_labels_a_batch_as_the_reduction_stood_when_it_was_made(tmp_path):
+    """The OTLP thread exports a batch later than the finisher made it; the scope label is
+    the one stamped on the batch then, not the live flag, which a later step already moved."""
+    from opentelemetry.sdk.metrics.export import (
+        Gauge,
+        Metric,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    import otel_train
+    from exporters.otlp import OtlpExporter
+    from otel_train.rows import StepBatch
+    from tests.integration.otlp_receiver import OtlpReceiver
+
+    tel = otel_train.setup(
+        run="stamp", output_dir=tmp_path, exporters=["jsonl"], handle_signals=False,
+        gpu_metrics=False, system_metrics=False, reduce_across_ranks=True,
+        ranks=otel_train.RankInfo(rank=0, local_rank=0, world_size=2),
+    )  # fmt: skip
+    context = tel.context
+    tel.shutdown(timeout_millis=2_000)
+    assert context.value_scope is not None and not context.values_are_global()
+
+    def batch(values_global):
+        point = NumberDataPoint({}, 0, 1, 2.5)
+        loss = Metric("train.loss", "", "", Gauge([point]))
+        scope = InstrumentationScope("otel_train")
+        resource = ResourceMetrics(Resource.create({}), [ScopeMetrics(scope, [loss], "")], "")
+        return StepBatch([resource], values_global=values_global)
+
+    with OtlpReceiver() as rx:
+        exporter = OtlpExporter(endpoint=rx.endpoint, timeout=5)
+        exporter.bind_run_context(context)
+        for stamp in (True, None, False):
+            exporter.export(batch(stamp))
+        assert rx.wait_for(lambda got: len(got) == 3, timeout=10)
+        labels = [received.points["train.loss"][0][0]["scope"] for received in rx.snapshot()]
+        exporter.shutdown()
+    # stamped global; unstamped: the live flag (rank: no all_reduce ran); stamped rank
+    assert labels == ["global", "rank", "rank"]
