@@ -84,7 +84,9 @@ def main() -> int:
         output_dir=sys.argv[1],
         exporters=["jsonl"],
         intervals={"train": 1},
-        shutdown_timeout_millis=300,
+        # The flush of a healthy position takes a few ms; only a stuck one reaches the
+        # handler's join timeout (budget + 0.5 s), so a loaded machine cannot fake one.
+        shutdown_timeout_millis=1_000,
     )
     gauge = tel.meter.create_gauge("sweep.value")
     step = 0
