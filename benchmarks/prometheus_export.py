@@ -33,7 +33,7 @@ import otel_train
 from exporters._prometheus_data import classic
 from exporters.prometheus import PrometheusExporter
 from otel_train.nonfinite import series_key
-from otel_train.reduction import with_scope
+from otel_train.reduction import values_global_of, with_scope
 from otel_train.testing import CapturingExporter
 
 NEVER = 10**9
@@ -50,7 +50,9 @@ class EagerPrometheusExporter(PrometheusExporter):
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        metrics_data = with_scope(metrics_data, global_values=self._global_values)
+        metrics_data = with_scope(
+            metrics_data, global_values=values_global_of(metrics_data, self._context)
+        )
         with self._lock:
             for resource_metrics in metrics_data.resource_metrics:
                 self._resource_seen = resource_metrics.resource

@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics.export import (
 from otel_train._sdk_compat import stop_periodic_reader_thread
 from otel_train.env import OTLP_INTERVAL_MILLIS
 from otel_train.errors import OtelTrainError
-from otel_train.reduction import with_scope
+from otel_train.reduction import values_global_of, with_scope
 from otel_train.run_context import RunContext
 
 try:
@@ -89,15 +89,10 @@ class OtlpExporter(OTLPMetricExporter):
     def bind_run_context(self, context: RunContext) -> None:
         self._context = context  # what the reduction really did, for batches not stamped
 
-    @property
-    def _global_values(self) -> bool:
-        return self._context is not None and self._context.values_are_global()
-
     def export(
         self, metrics_data: MetricsData, timeout_millis: float | None = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        stamped = getattr(metrics_data, "values_global", None)  # as the batch was made
-        global_values = self._global_values if stamped is None else stamped
+        global_values = values_global_of(metrics_data, self._context)
         metrics_data = with_scope(metrics_data, global_values=global_values)
         held: list[logging.LogRecord] = []
         _capture.records = held

@@ -39,7 +39,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from exporters._prometheus_data import LatestMetrics, classic
 from exporters._scrape_server import ScrapeServer
 from otel_train.errors import OtelTrainError
-from otel_train.reduction import with_scope
+from otel_train.reduction import values_global_of, with_scope
 from otel_train.run_context import RunContext
 
 try:
@@ -168,7 +168,7 @@ class PrometheusExporter(MetricExporter):
         self.export_is_in_memory = True
         self._resource_labels = frozenset(resource_labels)
         self._context: RunContext | None = None  # what the reduction did, if no batch says
-        self._stamped_global: bool | None = None  # what the newest stamped batch says
+        self._latest_global = False  # the scope of the newest export's reduced values
         self._lock = threading.Lock()  # latest values: export thread vs. scrape thread
         self._latest = LatestMetrics()
         self._version = 0
@@ -177,11 +177,6 @@ class PrometheusExporter(MetricExporter):
         self.renders = 0  # how often the exposition was rendered (at most once per export)
         self._server_lock = threading.Lock()
         self._server: ScrapeServer | None = None
-
-    @property
-    def _global_values(self) -> bool:
-        """Whether the reduced instruments are labelled scope="global" (else "rank") now."""
-        return self._context is not None and self._context.values_are_global()
 
     @property
     def port(self) -> int | None:
@@ -235,11 +230,10 @@ class PrometheusExporter(MetricExporter):
         """Remember each metric's newest (cumulative) state; a batch holds only the groups
         due at its step, the others keep their values from earlier exports. Shaping for
         Prometheus waits for the next scrape (exports come every few ms, scrapes every ~15 s)."""
-        stamped = getattr(metrics_data, "values_global", None)  # as the batch was made
+        global_values = values_global_of(metrics_data, self._context)
         with self._lock:
             self._latest.update(metrics_data)
-            if stamped is not None:
-                self._stamped_global = stamped
+            self._latest_global = global_values
             self._version += 1
         return MetricExportResult.SUCCESS
 
@@ -255,8 +249,7 @@ class PrometheusExporter(MetricExporter):
                     return self._rendered
                 resource = self._latest.resource
                 latest = self._latest.snapshot()
-                stamped = self._stamped_global
-            global_values = self._global_values if stamped is None else stamped
+                global_values = self._latest_global
             body = _render(resource, latest, self._resource_labels, global_values)
             self._rendered = (version, body)
             self.renders += 1

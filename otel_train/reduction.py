@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from otel_train.catalog import STANDARD_INSTRUMENTS
-from otel_train.run_context import ValueScope
+from otel_train.run_context import RunContext, ValueScope
 
 _logger = logging.getLogger(__name__)
 
@@ -276,6 +276,16 @@ def unpack(summed: list[float], local: Resolved) -> Resolved:
         if total or name in increments:
             increments[name] = total
     return Resolved(gauges=gauges, counter_increments=increments)
+
+
+def values_global_of(metrics_data: MetricsData, context: RunContext | None) -> bool:
+    """Whether `metrics_data`'s reduced values are all ranks' (scope="global"): the stamp our
+    reader put on the batch as it made it, in step order (`StepBatch.values_global`), else
+    (a batch from elsewhere) what the run context says now."""
+    stamped = getattr(metrics_data, "values_global", None)
+    if stamped is not None:
+        return bool(stamped)
+    return context is not None and context.values_are_global()
 
 
 def with_scope(metrics_data: MetricsData, *, global_values: bool) -> MetricsData:

@@ -166,7 +166,7 @@ def exporter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Prometh
 def test_a_scrape_after_any_batches_shows_what_eager_shaping_showed(
     exporter: PrometheusExporter,
 ) -> None:
-    reference = EagerReference(global_values=exporter._global_values)
+    reference = EagerReference(global_values=exporter._context.values_are_global())
     rng = random.Random(12)
     assert exporter.url is not None
     compared = 0
@@ -181,7 +181,7 @@ def test_a_scrape_after_any_batches_shows_what_eager_shaping_showed(
             compared += 1
     text = _scrape(exporter.url)
     assert exporter.renders == compared  # once per version that a scrape saw
-    scope = "global" if exporter._global_values else "rank"
+    scope = "global" if exporter._context.values_are_global() else "rank"
     # What makes the comparison meaningful: all series seen, buckets, scope labels.
     assert all(f'gpu_utilization_percent{{gpu="{g}"' in text for g in range(6))  # each kept
     assert text.count("train_latency_seconds_bucket{") > 3 and "train_latency_seconds_sum" in text
