@@ -58,7 +58,6 @@ class StepSampledReader(MetricReader):
         self._exporters: list[BackgroundExporter] = []
         self._due: frozenset[str] = frozenset()
         self._collecting_thread: int | None = None
-        self._collect_lock = threading.Lock()
         self._collector = BoundedCollector(self._collect_sdk_now)
         self._shut_down = False
         self._warned_collect = False
@@ -139,7 +138,7 @@ class StepSampledReader(MetricReader):
         """
         if self._shut_down or not groups:
             return
-        collected = self._collect_sdk(groups) if collect_sdk else None
+        collected = self._collector.collect(groups) if collect_sdk else None  # bounded wait
         batch = self._batch(groups, direct or {}, collected, fresh)
         if batch is None:
             return
@@ -169,26 +168,22 @@ class StepSampledReader(MetricReader):
             return batch
         return StepBatch.of_row(rows.row_of(batch), rows)
 
-    def _collect_sdk(self, groups: frozenset[str]) -> MetricsData | None:
-        """On the collector's thread, waited for a bounded time (see bounded_collect)."""
-        return self._collector.collect(groups)
-
     def _collect_sdk_now(self, groups: frozenset[str]) -> MetricsData | None:
-        with self._collect_lock:
-            self._due = groups
-            self._collecting_thread = threading.get_ident()
-            self._collected = None
-            try:
-                self.collect(timeout_millis=10_000)
-            except Exception as error:  # the SDK raises on callback timeouts; training goes on
-                if not self._warned_collect:
-                    self._warned_collect = True
-                    _logger.warning("otel-train: metric collection failed (%r); skipped", error)
-            finally:
-                self._collecting_thread = None
-                self._due = frozenset()
-            collected, self._collected = self._collected, None
-            return collected
+        """Runs on the collector's thread, one collect at a time (see bounded_collect)."""
+        self._due = groups
+        self._collecting_thread = threading.get_ident()
+        self._collected = None
+        try:
+            self.collect(timeout_millis=10_000)
+        except Exception as error:  # the SDK raises on callback timeouts; training goes on
+            if not self._warned_collect:
+                self._warned_collect = True
+                _logger.warning("otel-train: metric collection failed (%r); skipped", error)
+        finally:
+            self._collecting_thread = None
+            self._due = frozenset()
+        collected, self._collected = self._collected, None
+        return collected
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
