@@ -26,7 +26,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
 from otel_train.ranks import detect_ranks
-from otel_train.rows import MetricRow, RowBuilder, shared_row
+from otel_train.rows import MetricRow, RowBuilder, SharedRowConsumer, shared_row
 from otel_train.run_context import RunContext, output_dir_from, run_dir_for
 from otel_train.safe_files import LinkRefusedError, open_for_append
 
@@ -75,15 +75,13 @@ def _spell(value: float) -> str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-class JsonLinesMetricExporter(MetricExporter):
+class JsonLinesMetricExporter(SharedRowConsumer, MetricExporter):
     """A real OTel MetricExporter. Usable behind any reader; `setup()` gives it the run's path.
 
     With no `path`, it writes `<output_dir>/<run>/rank<N>.jsonl` once bound to a run. A file
     that already holds rows is refused (`RunExistsError`) unless `resume=True` (or, bound by
     `setup()`, the run is resumed: `resume=True` / `resume_step=N`).
     """
-
-    shares_rows = True  # the step-sampled reader builds each batch's row once for all
 
     def __init__(
         self,
@@ -192,11 +190,6 @@ class JsonLinesMetricExporter(MetricExporter):
                     )
                 return MetricExportResult.FAILURE
         return MetricExportResult.SUCCESS
-
-    def reads_only_shared_rows(self, namer: KeyNamer) -> bool:
-        """`export()` reads nothing of a step-sampled batch but its row, when the batch's rows
-        use our key namer (setup() binds us to the run's): the reader may queue the row alone."""
-        return self._rows.namer is namer
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         with self._lock:

@@ -34,7 +34,7 @@ from exporters._wandb_run import (
 )
 from otel_train.errors import OtelTrainError
 from otel_train.naming import KeyNamer
-from otel_train.rows import RowBuilder, shared_row
+from otel_train.rows import RowBuilder, SharedRowConsumer, shared_row
 from otel_train.run_context import RunContext
 
 _logger = logging.getLogger("otel_train.wandb")
@@ -42,7 +42,7 @@ _logger = logging.getLogger("otel_train.wandb")
 RUN_ID_FILE = "wandb_run_id"
 
 
-class WandbMetricExporter(MetricExporter):
+class WandbMetricExporter(SharedRowConsumer, MetricExporter):
     """Logs each exported batch as one W&B history row at the run's global step.
 
     Keyword arguments not given are left to wandb (and its `WANDB_*` environment variables).
@@ -50,8 +50,6 @@ class WandbMetricExporter(MetricExporter):
     starts its own run (`reinit="create_new"`), never touching one the user started, unless
     `use_active_run=True`: then it logs into `wandb.run` and leaves finishing it to its owner.
     """
-
-    shares_rows = True  # the step-sampled reader builds each batch's row once for all
 
     def __init__(
         self,
@@ -195,11 +193,6 @@ class WandbMetricExporter(MetricExporter):
                 self._count_log_failure(error)
                 return MetricExportResult.FAILURE
         return MetricExportResult.SUCCESS
-
-    def reads_only_shared_rows(self, namer: KeyNamer) -> bool:
-        """`export()` reads nothing of a step-sampled batch but its row, when the batch's rows
-        use our key namer (setup() binds us to the run's): the reader may queue the row alone."""
-        return self._rows.namer is namer
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True  # wandb.log hands rows to wandb's own process; finish() makes them durable

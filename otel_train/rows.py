@@ -308,6 +308,19 @@ class SharedRows:
             return batch.row
 
 
+class SharedRowConsumer:
+    """Base for exporters that read nothing of a step-sampled batch but its row (JSON lines,
+    W&B): the reader builds each batch's row once for all of them (`shares_rows`), and may
+    queue the row alone (`ReadsOnlySharedRows`). Subclasses keep their `RowBuilder` in
+    `_rows`, bound to the run's namer by `setup()`."""
+
+    shares_rows = True
+    _rows: RowBuilder
+
+    def reads_only_shared_rows(self, namer: KeyNamer) -> bool:
+        return self._rows.namer is namer  # the rows `shared_row` would take for us
+
+
 def shared_row(metrics_data: MetricsData, builder: RowBuilder) -> MetricRow:
     """The row of `metrics_data`: the shared one when it is a `StepBatch` whose rows use
     `builder`'s namer, else `builder`'s own. Treat it as read-only: other exporters see it."""
