@@ -230,16 +230,20 @@ def stage_flops_per_token(
 ) -> StageFlops:
     """Both counts of a stage, from one look at the model (see the module docstring)."""
     passes = stage_passes(stage)
+    # One walk over the model gives N and what frozen weights (LoRA) skip: their weight
+    # gradients, and below every trainable one their input gradients too. With n_params=
+    # given, every weight counts as trained.
+    matmul = matmul_parameters(model) if n_params is None and model is not None else None
     weights, attention = forward_flops_terms(
-        model, seq_len=seq_len, n_params=n_params, n_layers=n_layers, hidden_size=hidden_size
+        model,
+        seq_len=seq_len,
+        n_params=n_params if matmul is None else matmul.total,
+        n_layers=n_layers,
+        hidden_size=hidden_size,
     )
     forward = weights + attention
     with_reference = passes.reference_model if reference_model is None else reference_model
-    # Frozen weights skip their weight gradients (and, below every trainable one, their
-    # input gradients too): LoRA. With n_params= given, every weight counts as trained.
-    savings = (
-        0 if n_params is not None or model is None else matmul_parameters(model).backward_savings
-    )
+    savings = 0 if matmul is None else matmul.backward_savings
     trained = 3.0 * forward - savings + (forward if with_reference else 0.0)
     return StageFlops(trained=trained, generated=forward if passes.generation else None)
 
