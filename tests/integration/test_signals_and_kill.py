@@ -20,15 +20,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("loop_worker.py")
 
 
+def _worker_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+
+
 def _start(tmp_path: Path, *extra: str) -> subprocess.Popen:
     return _start_with(tmp_path, "100000000", *extra)
 
 
 def _start_with(tmp_path: Path, max_steps: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(tmp_path), max_steps, *extra],
-        env=env,
+        env=_worker_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -113,11 +116,10 @@ def test_a_signal_at_any_bytecode_is_flushed_at_once_or_at_the_end_of_its_sectio
     `flush()`, one position per call: the signal's flush never waits on a lock the
     interrupted code holds (it did, between acquiring the telemetry's lock and marking it
     held), and every signal ends in its KeyboardInterrupt, at once or deferred."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("signal_sweep_worker.py")
     result = subprocess.run(
         [sys.executable, str(worker), str(tmp_path)],
-        env=env,
+        env=_worker_env(),
         capture_output=True,
         text=True,
         timeout=300,
