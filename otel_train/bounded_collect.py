@@ -16,24 +16,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+
+from opentelemetry.sdk.metrics.export import MetricsData
 
 _logger = logging.getLogger(__name__)
 
 # Far above any healthy collect (a GPU probe: ~1 ms), far below the room wait (10 s).
 COLLECT_WAIT_SECONDS = 2.0
 
-Groups = TypeVar("Groups")
-Result = TypeVar("Result")
+Groups = frozenset[str]
 
 
-class BoundedCollector(Generic[Groups, Result]):
+class BoundedCollector:
     """One collect at a time on a daemon thread; `collect()` returns None when it took too
     long, or when the previous one still has not returned."""
 
     def __init__(
         self,
-        collect: Callable[[Groups], Result | None],
+        collect: Callable[[Groups], MetricsData | None],
         *,
         name: str = "otel-train-collect",
         wait_seconds: float | None = None,
@@ -44,7 +44,7 @@ class BoundedCollector(Generic[Groups, Result]):
         self._condition = threading.Condition()
         self._request: tuple[int, Groups] | None = None
         self._answered = 0  # the last request number answered (its result is _result)
-        self._result: Result | None = None
+        self._result: MetricsData | None = None
         self._running = False  # a collect is in progress, possibly hung
         self._stalled = False  # the running one was abandoned: say so when it returns
         self._closed = False
@@ -53,7 +53,7 @@ class BoundedCollector(Generic[Groups, Result]):
         self.abandoned = 0  # collects not waited for to the end
         self.skipped = 0  # steps exported without a collect: the last one was still running
 
-    def collect(self, groups: Groups) -> Result | None:
+    def collect(self, groups: Groups) -> MetricsData | None:
         wait = COLLECT_WAIT_SECONDS if self._wait_seconds is None else self._wait_seconds
         with self._condition:
             if self._closed:
@@ -107,7 +107,7 @@ class BoundedCollector(Generic[Groups, Result]):
                     condition.wait()
                 number, groups = self._request
                 self._request = None
-            result: Result | None = None
+            result: MetricsData | None = None
             try:
                 result = self._collect(groups)
             except Exception as error:  # the collect logs its own failures; never end here
